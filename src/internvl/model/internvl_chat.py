@@ -1,0 +1,385 @@
+"""`InternVLChatModel`: InternViT + `mlp1` projector + an LLM, as the official InternVL chat models.
+
+The import path, constructor, forward signature, `generate`, `chat`, `wrap_llm_lora` and `wrap_backbone_lora`
+follow the official `modeling_internvl_chat.py`, so official scripts run unchanged. Checkpoints load through
+`internvl.checkpoint`, which reads the official folder format and executes nothing found in it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils.hub import convert_file_size_to_int
+
+from internvl import checkpoint
+from internvl.archs import VISION_LORA_TARGETS, llm_arch, resolve
+from internvl.data.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl.data.templates import get_conv_template
+from internvl.lora.inject import ParamCounts, add_lora, count_params
+from internvl.lora.merge import merge_lora
+from internvl.model.chat_config import InternVLChatConfig
+from internvl.model.projector import build_mlp1, num_image_tokens, pixel_shuffle
+from internvl.model.vision import InternVisionConfig, InternVisionModel
+
+__all__ = ["InternVLChatConfig", "InternVLChatModel", "InternVisionConfig", "InternVisionModel"]
+
+# Keyword arguments of the official / transformers loaders that mean nothing here (no remote code is ever run;
+# weights are always read lazily; the attention kernel is sdpa).
+_IGNORED_LOAD_OPTIONS = {"trust_remote_code", "low_cpu_mem_usage", "use_flash_attn", "use_safetensors", "revision"}
+
+
+class InternVLChatModel(PreTrainedModel):
+    """An InternVL chat model. Build it from an `InternVLChatConfig` or load it with `from_pretrained(folder)`."""
+
+    config_class = InternVLChatConfig
+    main_input_name = "pixel_values"
+    base_model_prefix = "language_model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["InternVisionEncoderLayer", "InternLM2DecoderLayer", "LlamaDecoderLayer",
+                         "Qwen2DecoderLayer", "Phi3DecoderLayer", "Qwen3DecoderLayer", "Qwen3MoeDecoderLayer",
+                         "GptOssDecoderLayer"]
+
+    def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None):
+        super().__init__(config)
+        self.arch = llm_arch(config.llm_architecture)
+        self.select_layer = config.select_layer
+        self.template = config.template or self.arch.template
+        self.downsample_ratio = config.downsample_ratio
+        self.ps_version = config.ps_version
+        self.num_image_token = num_image_tokens(
+            config.image_size, config.vision_config.patch_size, config.downsample_ratio
+        )
+        self.vision_model = vision_model or InternVisionModel(config.vision_config)
+        self.language_model = language_model or resolve(self.arch.model_class)(config.llm_config)
+        self.mlp1 = build_mlp1(
+            config.vision_config.hidden_size, config.llm_config.hidden_size, config.downsample_ratio
+        )
+        self.img_context_token_id = None  # set by the caller from its tokenizer, as in the official code
+        self.conv_template = get_conv_template(self.template)
+        self.system_message = self.conv_template.system_message
+        # Official LoRA checkpoints hold PEFT's key names: wrap before any weight is read.
+        if config.use_backbone_lora:
+            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+        if config.use_llm_lora:
+            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
+
+    def _init_weights(self, module):
+        # The ViT and the LLM initialise themselves; only the projector is ours.
+        if isinstance(module, nn.Linear) and any(module is m for m in self.mlp1.modules()):
+            nn.init.normal_(module.weight, std=self.config.llm_config.initializer_range)
+            nn.init.zeros_(module.bias)
+
+    # ----- LoRA -------------------------------------------------------------------------------------------
+
+    def wrap_llm_lora(
+        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, *, target_modules=None,
+        verbose: bool = True, **peft_options,
+    ) -> ParamCounts:
+        """Wrap the LLM in PEFT LoRA on its architecture's targets; only LoRA weights stay trainable.
+
+        `target_modules` overrides the table's targets; `peft_options` (`use_dora`, `use_rslora`,
+        `init_lora_weights`, ...) go to `peft.LoraConfig`. Sets `config.use_llm_lora = r` and returns (and
+        prints) the LLM's trainable and total parameter counts.
+        """
+        self.language_model = add_lora(
+            self.language_model,
+            self.arch.lora_targets if target_modules is None else target_modules,
+            target_parameters=self.arch.lora_target_parameters if target_modules is None else (),
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **peft_options,
+        )
+        # Under gradient checkpointing a frozen embedding would cut the graph before the first LoRA layer.
+        self.language_model.enable_input_require_grads()
+        self.config.use_llm_lora = r
+        counts = count_params(self.language_model)
+        if verbose:
+            print(f"LLM LoRA r={r}: {counts}")
+        return counts
+
+    def wrap_backbone_lora(
+        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, *, target_modules=None,
+        verbose: bool = True, **peft_options,
+    ) -> ParamCounts:
+        """Wrap the InternViT in PEFT LoRA on `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`."""
+        self.vision_model = add_lora(
+            self.vision_model,
+            VISION_LORA_TARGETS if target_modules is None else target_modules,
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **peft_options,
+        )
+        self.config.use_backbone_lora = r
+        counts = count_params(self.vision_model)
+        if verbose:
+            print(f"ViT LoRA r={r}: {counts}")
+        return counts
+
+    def merge_lora(self) -> None:
+        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0."""
+        self.vision_model = merge_lora(self.vision_model)
+        self.language_model = merge_lora(self.language_model)
+        self.config.use_backbone_lora = 0
+        self.config.use_llm_lora = 0
+
+    # ----- forward ----------------------------------------------------------------------------------------
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Image tiles [N, 3, H, W] -> LLM-space features [N, num_image_token, llm_hidden]."""
+        if self.select_layer == -1:
+            vit_embeds = self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
+        else:
+            outputs = self.vision_model(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
+            vit_embeds = outputs.hidden_states[self.select_layer]
+        vit_embeds = vit_embeds[:, 1:, :]  # drop the class token: [N, h*w, C]
+        side = int(vit_embeds.shape[1] ** 0.5)
+        vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], side, side, -1)  # [N, h, w, C]
+        vit_embeds = pixel_shuffle(vit_embeds, scale_factor=self.downsample_ratio, ps_version=self.ps_version)
+        vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], -1, vit_embeds.shape[-1])  # [N, h*w*r^2, C/r^2]
+        return self.mlp1(vit_embeds)
+
+    def _embed_with_images(self, input_ids: torch.Tensor, vit_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each `<IMG_CONTEXT>` position replaced, in order, by one image feature."""
+        input_embeds = self.language_model.get_input_embeddings()(input_ids)  # [B, T, H]
+        if vit_embeds is None:
+            return input_embeds
+        if self.img_context_token_id is None:
+            raise ValueError(
+                "model.img_context_token_id is not set: set it to tokenizer.convert_tokens_to_ids"
+                f"('{IMG_CONTEXT_TOKEN}') before calling the model with images"
+            )
+        selected = input_ids == self.img_context_token_id  # [B, T]
+        features = vit_embeds.reshape(-1, vit_embeds.shape[-1])
+        if int(selected.sum()) != features.shape[0]:
+            raise ValueError(
+                f"the input has {int(selected.sum())} {IMG_CONTEXT_TOKEN} positions but the images give "
+                f"{features.shape[0]} features ({vit_embeds.shape[0]} tiles x {self.num_image_token} tokens); "
+                "each <image> must expand to num_image_token x tiles context tokens"
+            )
+        return input_embeds.masked_scatter(selected.unsqueeze(-1), features.to(input_embeds.dtype))
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        image_flags: torch.LongTensor | None = None,
+        past_key_values=None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        """The official training forward: images into the `<IMG_CONTEXT>` slots, next-token loss on `labels`.
+
+        `image_flags` ([N] or [N, 1]) marks the real tiles of `pixel_values`; tiles flagged 0 (the dummy tile of
+        a text-only sample) run through the ViT but feed nothing to the LLM.
+        """
+        vit_embeds = None
+        if pixel_values is not None:
+            vit_embeds = self.extract_feature(pixel_values)
+            if image_flags is not None:
+                vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
+        inputs_embeds = self._embed_with_images(input_ids, vit_embeds)
+        if vit_embeds is not None and vit_embeds.shape[0] == 0:
+            # Keep the ViT and projector in the graph on text-only batches so every rank's gradients match.
+            inputs_embeds = inputs_embeds + 0.0 * self.extract_feature(pixel_values).sum()
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        visual_features: torch.FloatTensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        output_hidden_states: bool | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate from a prompt whose `<IMG_CONTEXT>` slots take the images' features; returns new tokens."""
+        if visual_features is None and pixel_values is not None:
+            visual_features = self.extract_feature(pixel_values)
+        inputs_embeds = self._embed_with_images(input_ids, visual_features)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            generation_config=generation_config,
+            output_hidden_states=output_hidden_states,
+            use_cache=True,
+            **generate_kwargs,
+        )
+
+    def chat(
+        self,
+        tokenizer,
+        pixel_values: torch.FloatTensor | None,
+        question: str,
+        generation_config: dict,
+        history: list[tuple[str, str]] | None = None,
+        return_history: bool = False,
+        num_patches_list: list[int] | None = None,
+        verbose: bool = False,
+    ):
+        """One chat turn as in the official model cards: `model.chat(tokenizer, pixel_values, question, cfg)`.
+
+        `pixel_values` holds the tiles of every image of the question (`num_patches_list` gives tiles per
+        image); `<image>` is prepended to a first question that lacks it. Returns the answer, and the updated
+        history when `return_history`.
+        """
+        if history is None and pixel_values is not None and "<image>" not in question:
+            question = "<image>\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+            raise ValueError(
+                f"num_patches_list sums to {sum(num_patches_list)} but pixel_values holds {pixel_values.shape[0]} tiles"
+            )
+        self.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+
+        template = get_conv_template(self.template)
+        template.system_message = self.system_message
+        stop_token = template.sep.strip()
+        history = [] if history is None else list(history)
+        for old_question, old_answer in history:
+            template.append_message(template.roles[0], old_question)
+            template.append_message(template.roles[1], old_answer)
+        template.append_message(template.roles[0], question)
+        template.append_message(template.roles[1], None)
+        query = template.get_prompt()
+        if verbose and pixel_values is not None:
+            print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
+        for num_patches in num_patches_list:
+            image_tokens = IMG_START_TOKEN + IMG_CONTEXT_TOKEN * self.num_image_token * num_patches + IMG_END_TOKEN
+            query = query.replace("<image>", image_tokens, 1)
+
+        model_inputs = tokenizer(query, return_tensors="pt")
+        device = self.language_model.get_input_embeddings().weight.device
+        generation_config = dict(generation_config)
+        generation_config["eos_token_id"] = tokenizer.convert_tokens_to_ids(stop_token)
+        generation_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=self.vision_dtype)
+        output_ids = self.generate(
+            pixel_values=pixel_values,
+            input_ids=model_inputs["input_ids"].to(device),
+            attention_mask=model_inputs["attention_mask"].to(device),
+            **generation_config,
+        )
+        response = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
+        response = response.split(stop_token)[0].strip()
+        history.append((question, response))
+        if verbose:
+            print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<image>"), response)
+        return (response, history) if return_history else response
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        """The dtype image tiles must have: the ViT's patch embedding's."""
+        return next(self.vision_model.parameters()).dtype
+
+    # ----- checkpoints ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args,
+        config: InternVLChatConfig | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        device_map: str | torch.device | None = None,
+        **kwargs,
+    ) -> "InternVLChatModel":
+        """Load an official-format checkpoint folder (safetensors, sharded or not) without running its code.
+
+        `torch_dtype` (or `dtype`) casts the weights; "auto" keeps the checkpoint's. `device_map` may name one
+        device ("cuda", "cpu", "auto" = the GPU when there is one). A config with `use_llm_lora` or
+        `use_backbone_lora` set is wrapped before the weights are read, so official LoRA checkpoints load.
+        """
+        unknown = set(kwargs) - _IGNORED_LOAD_OPTIONS
+        if model_args or unknown:
+            raise TypeError(f"from_pretrained got unsupported arguments: {sorted(unknown) or model_args}")
+        folder = Path(pretrained_model_name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{folder}: no such checkpoint folder. Weights are never downloaded here: fetch the model on a "
+                "machine with network (e.g. `huggingface-cli download OpenGVLab/InternVL2_5-8B --local-dir DIR`) "
+                "and pass DIR"
+            )
+        raw = checkpoint.read_config(folder)
+        config = config or InternVLChatConfig.from_dict(raw)
+        config._name_or_path = str(folder)
+        dtype = dtype or torch_dtype
+        if dtype == "auto":
+            dtype = checkpoint.checkpoint_dtype(raw)
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        state = checkpoint.load_state_dict(folder, dtype)
+        model.load_official_state_dict(state)
+        if device_map is not None:
+            if device_map == "auto":
+                device_map = "cuda" if torch.cuda.is_available() else "cpu"
+            model.to(device_map)
+        return model.eval()
+
+    def load_official_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights with official key names into this model (meta or not); every parameter must be set."""
+        if self.arch.per_expert_checkpoint:
+            state = checkpoint.fuse_expert_weights(state, self.state_dict().keys())
+        result = self.load_state_dict(state, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"the checkpoint has {len(result.unexpected_keys)} weights this model does not: "
+                f"{result.unexpected_keys[:5]}... (does config.json describe these weights? a LoRA checkpoint "
+                "needs use_llm_lora / use_backbone_lora set)"
+            )
+        if getattr(self.config.llm_config, "tie_word_embeddings", False):
+            base = self.language_model.get_base_model() if hasattr(self.language_model, "get_base_model") else self.language_model
+            base.get_output_embeddings().weight = base.get_input_embeddings().weight
+        missing = [name for name, p in self.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} weights of this model: {missing[:5]}...")
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict under the official checkpoint key names."""
+        state = self.state_dict()
+        if self.arch.per_expert_checkpoint:
+            state = checkpoint.split_expert_weights(state)
+        return state
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
+        max_shard_size: int | str = checkpoint.DEFAULT_SHARD_BYTES, **kwargs,
+    ) -> None:
+        """Write the official folder format (config.json + safetensors) atomically into `save_directory`."""
+        if isinstance(max_shard_size, str):
+            max_shard_size = convert_file_size_to_int(max_shard_size)
+        self.config.dtype = str(self.dtype).removeprefix("torch.")
+        self.config.architectures = ["InternVLChatModel"]
+        with checkpoint.atomic_directory(save_directory) as staging:
+            self.config.save_pretrained(staging)
+            state = state_dict if state_dict is not None else self.official_state_dict()
+            checkpoint.save_state_dict(state, staging, max_shard_size)
+
