@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from internvl.archs import LLM_ARCHS, VISION_LORA_TARGETS
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
-from tests.conftest import ARCHITECTURES, build_batch, build_model
+from tests.builders import ARCHITECTURES, build_batch, build_model
 
 
 def logits_of(model, batch):

@@ -1,0 +1,226 @@
+"""The fine-tune recipe: load, freeze and wrap as the official trainer does, then train with the HF Trainer.
+
+`finetune(model_args, data_args, training_args)` is what `internvl-lora finetune` runs; every piece of real work
+is done by transformers (Trainer: precision, accumulation, schedulers, DeepSpeed / FSDP, torchrun) and PEFT.
+This module decides only what the official recipe decides, fixes its known bugs, and writes our outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import Trainer, TrainingArguments, set_seed
+
+from internvl import checkpoint
+from internvl.data.collate import Collator
+from internvl.data.constants import IMG_CONTEXT_TOKEN
+from internvl.data.dataset import build_datasets
+from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
+from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
+from internvl.model.projector import num_image_tokens
+from internvl.train import outputs
+from internvl.train.args import DataArguments, ModelArguments
+from internvl.train.loss_curve import write_loss_curve
+
+logger = logging.getLogger(__name__)
+
+
+def _freeze(module: torch.nn.Module) -> None:
+    for param in module.parameters():
+        param.requires_grad = False
+
+
+def _compute_dtype(training_args: TrainingArguments) -> torch.dtype:
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def prepare_model(
+    model: InternVLChatModel, tokenizer, model_args: ModelArguments, data_args: DataArguments
+) -> InternVLChatModel:
+    """Configure, freeze and wrap `model` for training in the official trainer's order.
+
+    Unlike the official trainer, `unfreeze_lm_head` really trains the head (under LoRA it becomes a PEFT
+    `modules_to_save` module, so the adapter carries it), and the ViT checkpointing is non-reentrant so its
+    LoRA gets gradients with a frozen backbone.
+    """
+    config = model.config
+    if data_args.force_image_size != config.image_size:
+        model.vision_model.resize_pos_embeddings(
+            old_size=config.vision_config.image_size,
+            new_size=data_args.force_image_size,
+            patch_size=config.vision_config.patch_size,
+        )
+        config.vision_config.image_size = data_args.force_image_size
+    config.force_image_size = data_args.force_image_size
+    config.template = model.template = data_args.conv_style
+    config.select_layer = model.select_layer = model_args.vision_select_layer
+    config.ps_version = model.ps_version = model_args.ps_version
+    config.downsample_ratio = model.downsample_ratio = data_args.down_sample_ratio
+    config.dynamic_image_size = data_args.dynamic_image_size
+    config.use_thumbnail = data_args.use_thumbnail
+    config.min_dynamic_patch = data_args.min_dynamic_patch
+    config.max_dynamic_patch = data_args.max_dynamic_patch
+    model.num_image_token = num_image_tokens(
+        data_args.force_image_size, config.vision_config.patch_size, data_args.down_sample_ratio
+    )
+    model.system_message = model.conv_template.system_message
+
+    if resize_embeddings_for_tokenizer(model.language_model, tokenizer):
+        config.llm_config.vocab_size = len(tokenizer)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    model.language_model.config.use_cache = False
+    if model_args.grad_checkpoint:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    head = model.arch.lm_head
+    if model_args.freeze_backbone:
+        _freeze(model.vision_model)
+    if model_args.freeze_llm:
+        _freeze(model.language_model)
+    if model_args.use_backbone_lora:
+        r = model_args.use_backbone_lora
+        model.wrap_backbone_lora(r=r, lora_alpha=2 * r, lora_dropout=model_args.lora_dropout)
+    if model_args.use_llm_lora:
+        r = model_args.use_llm_lora
+        extra = {"modules_to_save": [head]} if model_args.unfreeze_lm_head else {}
+        model.wrap_llm_lora(r=r, lora_alpha=2 * r, lora_dropout=model_args.lora_dropout, **extra)
+    elif model_args.unfreeze_lm_head:
+        for param in model.language_model.get_output_embeddings().parameters():
+            param.requires_grad = True
+    if model_args.freeze_mlp:
+        _freeze(model.mlp1)
+    if model_args.unfreeze_vit_layers:
+        vision = model.vision_model.get_base_model() if isinstance(model.vision_model, PeftModel) else model.vision_model
+        for param in vision.encoder.layers[model_args.unfreeze_vit_layers:].parameters():
+            param.requires_grad = True
+    return model
+
+
+class InternVLTrainer(Trainer):
+    """The HF Trainer, saving adapters instead of full models, each checkpoint written atomically."""
+
+    def __init__(self, *args, base_config: dict, base_path: str | None, save_full_model: bool = False,
+                 force_base_model: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.base_config = base_config
+        self.base_path = base_path
+        self.save_full_model = save_full_model
+        self.force_base_model = force_base_model
+        self._staging_root: str | None = None
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        outputs.save_outputs(model, output_dir, self.base_config, self.base_path, self.processing_class)
+        if self.save_full_model:
+            model.save_pretrained(Path(output_dir) / "full_model")
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_root or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Every rank writes into a staging folder; the main process renames the complete checkpoint into place.
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging_root = os.path.join(run_dir, ".staging")
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(run_dir, name)
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(run_dir, ".staging", name), target)
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        manifest = outputs.read_manifest(resume_from_checkpoint)
+        outputs.check_base(manifest, resume_from_checkpoint, self.base_config, self.force_base_model)
+        outputs.load_outputs_into(model, resume_from_checkpoint)
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune produced: the output folder, the loss history and the trainable counts."""
+
+    output_dir: Path
+    losses: list[tuple[int, float]]
+    trainable_params: int
+    total_params: int
+
+
+def finetune(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+             model: InternVLChatModel | None = None, tokenizer=None) -> FinetuneResult:
+    """Train per the arguments and write adapters, tokenizer, manifest and loss curve to `output_dir`.
+
+    `model` / `tokenizer` may be passed in (the demo builds its own); otherwise both load from
+    `model_args.model_name_or_path`.
+    """
+    set_seed(training_args.seed)
+    base_path = model_args.model_name_or_path
+    if model is None:
+        if base_path is None:
+            raise ValueError("--model_name_or_path is required (or run `internvl-lora demo`)")
+        config = InternVLChatConfig.from_dict(checkpoint.read_config(base_path))
+        config.vision_config.drop_path_rate = model_args.drop_path_rate
+        model = InternVLChatModel.from_pretrained(base_path, config=config, torch_dtype=_compute_dtype(training_args))
+        tokenizer = load_tokenizer(base_path, data_args.max_seq_length)
+    if data_args.meta_path is None:
+        raise ValueError("--meta_path is required: the meta JSON naming the training JSONL files")
+    base_config = model.config.to_dict()
+    model = prepare_model(model, tokenizer, model_args, data_args)
+    train_dataset = build_datasets(
+        data_args.meta_path,
+        tokenizer,
+        template_name=data_args.conv_style,
+        num_image_token=model.num_image_token,
+        image_size=data_args.force_image_size,
+        dynamic_image_size=data_args.dynamic_image_size,
+        use_thumbnail=data_args.use_thumbnail,
+        min_dynamic_patch=data_args.min_dynamic_patch,
+        max_dynamic_patch=data_args.max_dynamic_patch,
+        max_seq_length=data_args.max_seq_length,
+        skip_bad_samples=data_args.skip_bad_samples,
+    )
+    training_args.remove_unused_columns = False
+    trainer = InternVLTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        data_collator=Collator(pad_token_id=tokenizer.pad_token_id, image_size=data_args.force_image_size),
+        processing_class=tokenizer,
+        base_config=base_config,
+        base_path=base_path,
+        save_full_model=model_args.save_full_model,
+        force_base_model=model_args.force_base_model,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if hasattr(train_dataset, "skip_report"):
+        train_dataset.skip_report()
+    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
+    output_dir = Path(training_args.output_dir)
+    if trainer.args.should_save and losses:
+        write_loss_curve(losses, output_dir / "loss_curve.png")
+        (output_dir / "loss_history.json").write_text(json.dumps(losses) + "\n")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return FinetuneResult(output_dir, losses, trainable, total)

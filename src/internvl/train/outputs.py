@@ -1,0 +1,112 @@
+"""What a fine-tune writes: standard PEFT adapters, the other trained weights, the tokenizer and a manifest.
+
+An output folder (the final one and every `checkpoint-N`) holds
+- `llm_adapter/`, `vision_adapter/`: PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`) that
+  `peft.PeftModel.from_pretrained` loads onto the base language model or ViT;
+- `trained_weights.safetensors`: weights trained outside LoRA (projector, unfrozen ViT layers), official names;
+- the tokenizer files;
+- `manifest.json`: the base model (path and a hash of its config) and the ranks, checked on every load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from internvl import __version__
+
+MANIFEST = "manifest.json"
+TRAINED_WEIGHTS = "trained_weights.safetensors"
+ADAPTER_DIRS = {"language_model": "llm_adapter", "vision_model": "vision_adapter"}
+
+
+def config_hash(config: dict) -> str:
+    """A stable hash of a model config, naming the base model an adapter belongs to."""
+    ignored = {"_name_or_path", "use_llm_lora", "use_backbone_lora", "transformers_version", "dtype", "torch_dtype"}
+    canonical = json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def trained_non_lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters that are not LoRA weights, under their names in `model`."""
+    return {
+        name: param.detach()
+        for name, param in model.named_parameters()
+        if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
+    }
+
+
+def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path: str | None, tokenizer=None) -> None:
+    """Write the adapters, other trained weights, tokenizer and manifest of `model` into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for part, subdir in ADAPTER_DIRS.items():
+        module = getattr(model, part)
+        if isinstance(module, PeftModel):
+            module.save_pretrained(folder / subdir)
+            config = module.peft_config["default"]
+            parts[part] = {"adapter": subdir, "r": config.r, "lora_alpha": config.lora_alpha}
+    extra = trained_non_lora_weights(model)
+    if extra:
+        save_file({k: v.contiguous().cpu() for k, v in extra.items()}, folder / TRAINED_WEIGHTS)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = {
+        "format": "internvl-lora adapters",
+        "version": __version__,
+        "base_model": base_path,
+        "base_config_hash": config_hash(base_config),
+        "lora": parts,
+        "trained_weights": sorted(extra),
+        "template": model.template,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of an adapter folder, with a clear error when the folder is not one."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no {MANIFEST}; not an adapter folder written by internvl-lora")
+    return json.loads(path.read_text())
+
+
+def check_base(manifest: dict, folder, base_config: dict, force: bool = False) -> None:
+    """Refuse adapters trained on another base model (config hash differs) unless `force`."""
+    expected, actual = manifest["base_config_hash"], config_hash(base_config)
+    if expected != actual and not force:
+        raise ValueError(
+            f"{folder}: these adapters were trained on base model {manifest.get('base_model')!r} "
+            f"(config hash {expected}), but the model given has config hash {actual}. Pass the right base model, "
+            "or force it (--force_base_model) if you know the weights are compatible."
+        )
+
+
+def load_outputs_into(model, folder: str | os.PathLike) -> None:
+    """Load the adapter weights and other trained weights of `folder` into an already wrapped `model`."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    for part, info in manifest["lora"].items():
+        module = getattr(model, part)
+        if not isinstance(module, PeftModel):
+            raise ValueError(f"{folder}: has a LoRA adapter for {part}, but the model's {part} has no LoRA")
+        weights = load_file(folder / info["adapter"] / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(module, weights)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}/{info['adapter']}: weights unknown to the model: {result.unexpected_keys[:5]}")
+    if manifest["trained_weights"]:
+        weights = load_file(folder / TRAINED_WEIGHTS)
+        missing = set(manifest["trained_weights"]) - set(weights)
+        if missing:
+            raise ValueError(f"{folder}/{TRAINED_WEIGHTS}: lacks {sorted(missing)[:5]}")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
