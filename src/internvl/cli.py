@@ -35,13 +35,72 @@ def run_merge(args: argparse.Namespace) -> int:
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = InternVLChatModel.from_pretrained(args.input, torch_dtype=dtype or "auto")
+    if args.adapter:
+        from internvl.train.outputs import load_adapter
+
+        load_adapter(model, args.adapter, force=args.force_base_model)
     ranks = (model.config.use_backbone_lora, model.config.use_llm_lora)
     model.merge_lora()
     model.save_pretrained(args.output)
-    copied = checkpoint.copy_companion_files(args.input, args.output)
+    copied = checkpoint.copy_companion_files(args.adapter or args.input, args.output)
+    if args.adapter:
+        copied += checkpoint.copy_companion_files(args.input, args.output)
     print(f"merged LoRA (backbone r={ranks[0]}, llm r={ranks[1]}) into {args.output}")
     if copied:
         print(f"copied along: {', '.join(copied)}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """`finetune ...`: the official trainer's arguments (and any HF TrainingArguments); none: the demo."""
+    if not args.rest:
+        return run_demo(argparse.Namespace(output_dir="demo-output"))
+    from internvl.train.args import parse_finetune_args
+    from internvl.train.finetune import finetune
+
+    result = finetune(*parse_finetune_args(args.rest))
+    print(f"adapters, tokenizer and manifest written to {result.output_dir}")
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """`chat MODEL [--adapter DIR] [--image PATH] [QUESTION]`: one answer, or a session without QUESTION."""
+    from internvl.data.tiling import load_image
+    from internvl.data.tokenizer import load_tokenizer
+    from internvl.model.internvl_chat import InternVLChatModel
+    from internvl.train.outputs import load_adapter
+
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = InternVLChatModel.from_pretrained(args.model, torch_dtype=dtype, device_map="auto").eval()
+    tokenizer = load_tokenizer(args.adapter or args.model)
+    if args.adapter:
+        load_adapter(model, args.adapter, force=args.force_base_model)
+    pixel_values = None
+    if args.image:
+        size = model.config.image_size
+        pixel_values = load_image(args.image, input_size=size, max_num=model.config.max_dynamic_patch)
+    config = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    if args.question:
+        print(model.chat(tokenizer, pixel_values, args.question, config))
+        return 0
+    history = None
+    while True:
+        try:
+            question = input("you> ").strip()
+        except EOFError:
+            return 0
+        if question in ("", "exit", "quit"):
+            return 0
+        answer, history = model.chat(tokenizer, pixel_values if history is None else None, question, config,
+                                     history=history, return_history=True)
+        print(f"model> {answer}")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """`demo`: the whole pipeline on a tiny model built in code, on the CPU, in a few minutes."""
+    from internvl.demo import format_report, run_demo as demo
+
+    print(format_report(demo(args.output_dir)))
     return 0
 
 
@@ -63,11 +122,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(func=run_inspect)
 
     merge = commands.add_parser("merge", help="merge LoRA weights into the model, official format out")
-    merge.add_argument("input", help="checkpoint folder with use_llm_lora / use_backbone_lora set")
+    merge.add_argument("input", help="checkpoint folder: with use_*_lora set, or a base model with --adapter")
     merge.add_argument("output", help="folder for the merged checkpoint")
     merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="dtype of the saved weights (auto: the input's)")
+    merge.add_argument("--adapter", help="adapter folder written by finetune, merged into the base INPUT")
+    merge.add_argument("--force-base-model", action="store_true", help="merge an adapter trained on another base")
     merge.set_defaults(func=run_merge)
+
+    finetune = commands.add_parser(
+        "finetune", add_help=False,
+        help="LoRA fine-tune with the official trainer's arguments (no arguments: the demo)",
+    )
+    finetune.add_argument("rest", nargs=argparse.REMAINDER)
+    finetune.set_defaults(func=run_finetune)
+
+    chat = commands.add_parser("chat", help="ask a model (optionally with an adapter and an image)")
+    chat.add_argument("model", help="checkpoint folder (official format)")
+    chat.add_argument("question", nargs="?", help="one question; without it, an interactive session")
+    chat.add_argument("--adapter", help="adapter folder written by finetune")
+    chat.add_argument("--image", help="image file")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--force-base-model", action="store_true", help="load an adapter trained on another base")
+    chat.set_defaults(func=run_chat)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
+    demo.add_argument("--output-dir", default="demo-output")
+    demo.set_defaults(func=run_demo)
 
     validate.add_subcommand(commands)
     return parser

@@ -24,6 +24,7 @@ from internvl import __version__
 MANIFEST = "manifest.json"
 TRAINED_WEIGHTS = "trained_weights.safetensors"
 ADAPTER_DIRS = {"language_model": "llm_adapter", "vision_model": "vision_adapter"}
+_RANK_FIELDS = {"language_model": "use_llm_lora", "vision_model": "use_backbone_lora"}
 
 
 def config_hash(config: dict) -> str:
@@ -89,6 +90,19 @@ def check_base(manifest: dict, folder, base_config: dict, force: bool = False) -
         )
 
 
+def _load_trained_weights(model, folder: Path, manifest: dict) -> None:
+    if not manifest["trained_weights"]:
+        return
+    weights = load_file(folder / TRAINED_WEIGHTS)
+    missing = set(manifest["trained_weights"]) - set(weights)
+    if missing:
+        raise ValueError(f"{folder / TRAINED_WEIGHTS}: lacks {sorted(missing)[:5]}")
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
 def load_outputs_into(model, folder: str | os.PathLike) -> None:
     """Load the adapter weights and other trained weights of `folder` into an already wrapped `model`."""
     folder = Path(folder)
@@ -101,12 +115,18 @@ def load_outputs_into(model, folder: str | os.PathLike) -> None:
         result = set_peft_model_state_dict(module, weights)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{folder}/{info['adapter']}: weights unknown to the model: {result.unexpected_keys[:5]}")
-    if manifest["trained_weights"]:
-        weights = load_file(folder / TRAINED_WEIGHTS)
-        missing = set(manifest["trained_weights"]) - set(weights)
-        if missing:
-            raise ValueError(f"{folder}/{TRAINED_WEIGHTS}: lacks {sorted(missing)[:5]}")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+    _load_trained_weights(model, folder, manifest)
+
+
+def load_adapter(model, folder: str | os.PathLike, force: bool = False) -> None:
+    """Put the adapters of `folder` onto a base `model` (refused when trained on another base unless `force`)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    check_base(manifest, folder, model.config.to_dict(), force)
+    for part, info in manifest["lora"].items():
+        module = getattr(model, part)
+        if isinstance(module, PeftModel):
+            raise ValueError(f"the model's {part} already carries LoRA adapters; load {folder} onto a base model")
+        setattr(model, part, PeftModel.from_pretrained(module, folder / info["adapter"]))
+        setattr(model.config, _RANK_FIELDS[part], info["r"])
+    _load_trained_weights(model, folder, manifest)

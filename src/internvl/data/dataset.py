@@ -1,0 +1,253 @@
+"""The training dataset: records of the meta file's JSONL files -> image tiles + input ids and labels.
+
+It does what the official `LazySupervisedDataset` + `build_datasets` do, for images and text (no video):
+- one image: `<image>` is put before the first human turn when the conversation has none; the image gets up to
+  `max_dynamic_patch` tiles (a meta entry's own `max_dynamic_patch` wins);
+- n images: each gets `max(1, max_dynamic_patch // n)` tiles and the conversation must hold n `<image>`;
+- text only: one blank tile with image flag 0, which the model ignores;
+- `data_augment` entries re-encode each tile as a JPEG of random quality 75-100 first.
+
+Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
+SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
+the next good sample (index + 1, + 2, ...), so the same index always gives the same sample.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from internvl.data.constants import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+)
+from internvl.data.errors import (
+    CAUSES,
+    IMAGE_COUNT_MISMATCH,
+    INVALID_CONVERSATION,
+    SAMPLE_TOO_LONG,
+    TOKENIZATION_MISMATCH,
+    SampleError,
+)
+from internvl.data.reading import Annotations, Record, open_image, read_meta
+from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
+from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+
+logger = logging.getLogger(__name__)
+
+JPEG_QUALITIES = range(75, 101)  # the official data augmentation's choices
+
+
+@dataclass(frozen=True)
+class SampleBuilder:
+    """How a record becomes a sample: tiling settings, conversation template, tokenizer and length limit."""
+
+    tokenizer: PreTrainedTokenizerBase
+    template_name: str
+    num_image_token: int  # LLM tokens per tile
+    image_size: int = 448
+    dynamic_image_size: bool = False
+    use_thumbnail: bool = False
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    max_seq_length: int | None = None  # None: tokenizer.model_max_length
+
+    def __post_init__(self):
+        for token in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN):
+            if self.tokenizer.convert_tokens_to_ids(token) in (None, self.tokenizer.unk_token_id):
+                raise ValueError(f"tokenizer has no {token} token; load it with internvl.data.tokenizer.load_tokenizer")
+
+    def build(self, record: Record, max_dynamic_patch: int | None = None, augment: bool = False) -> dict:
+        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags.
+
+        `max_dynamic_patch` (the meta entry's) replaces the builder's. Raises SampleError located at the record.
+        """
+        with _located(record):
+            conversations, images, budget = self._read(record, max_dynamic_patch)
+            tiles = [self._tiles(image, budget) for image in images]
+            sample = self._tokenize(conversations, [len(image_tiles) for image_tiles in tiles])
+        flat = [tile for image_tiles in tiles for tile in image_tiles]
+        if augment:
+            flat = [_jpeg_degrade(tile) for tile in flat]
+        if flat:
+            sample["pixel_values"] = tiles_to_tensor(flat, self.image_size)
+            sample["image_flags"] = torch.ones(len(flat), dtype=torch.long)
+        else:  # as officially: one tile the model drops (flag 0), so that every sample runs the vision encoder
+            sample["pixel_values"] = torch.zeros(1, 3, self.image_size, self.image_size)
+            sample["image_flags"] = torch.zeros(1, dtype=torch.long)
+        return sample
+
+    def check(self, record: Record, max_dynamic_patch: int | None = None) -> None:
+        """Everything `build` checks, without making pixels; raises the same located SampleError."""
+        with _located(record):
+            conversations, images, budget = self._read(record, max_dynamic_patch)
+            self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+
+    def _read(self, record: Record, max_dynamic_patch: int | None) -> tuple[list, list[Image.Image], int]:
+        """The conversation with its placeholders, the decoded images and each image's tile budget."""
+        conversations = self._conversations(record)
+        images = [open_image(path) for path in record.images]
+        budget = tiles_per_image(max_dynamic_patch or self.max_dynamic_patch, max(len(images), 1))
+        return conversations, images, budget
+
+    def _conversations(self, record: Record) -> list[dict[str, str]]:
+        """The turns with one `<image>` per image; a lone image's placeholder is added when missing."""
+        conversations = [dict(turn) for turn in record.conversations]
+        placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
+        if len(record.images) == 1 and placeholders == 0:
+            first_human = next((turn for turn in conversations if turn["from"] == "human"), None)
+            if first_human is not None:
+                first_human["value"] = IMAGE_PLACEHOLDER + "\n" + first_human["value"]
+                placeholders = 1
+        if placeholders != len(record.images):
+            detail = f"{len(record.images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
+            raise SampleError(IMAGE_COUNT_MISMATCH, detail)
+        return conversations
+
+    def _tiles(self, image: Image.Image, budget: int) -> list[Image.Image]:
+        if not self.dynamic_image_size:
+            return [image]
+        return dynamic_preprocess(image, self.min_dynamic_patch, budget, self.image_size, self.use_thumbnail)
+
+    def _count_tiles(self, image: Image.Image, budget: int) -> int:
+        if not self.dynamic_image_size:
+            return 1
+        return count_tiles(image.width, image.height, self.min_dynamic_patch, budget, self.image_size,
+                           self.use_thumbnail)
+
+    def _tokenize(self, conversations: list[dict[str, str]], tile_counts: Sequence[int]) -> dict:
+        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too."""
+        try:
+            sample = preprocess(
+                self.template_name,
+                conversations,
+                self.tokenizer,
+                [self.num_image_token * count for count in tile_counts],
+                max_seq_length=self.max_seq_length,
+            )
+        except SampleTooLong as error:
+            raise SampleError(SAMPLE_TOO_LONG, str(error)) from None
+        except TokenizationMismatch as error:
+            raise SampleError(TOKENIZATION_MISMATCH, str(error)) from None
+        except ValueError as error:  # preprocess's other errors are all about the turns
+            raise SampleError(INVALID_CONVERSATION, str(error)) from None
+        if bool((sample["labels"] == IGNORE_INDEX).all()):
+            limit = self.max_seq_length or self.tokenizer.model_max_length
+            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {limit} tokens")
+        return sample
+
+
+@contextmanager
+def _located(record: Record) -> Iterator[None]:
+    """Re-raise the SampleErrors of the block at the record's FILE:LINE."""
+    try:
+        yield
+    except SampleError as error:
+        raise error.located(record.file, record.line) from None
+
+
+def _jpeg_degrade(tile: Image.Image) -> Image.Image:
+    """The official augmentation: the tile re-encoded as a JPEG of a random quality (torch's seeded generator)."""
+    quality = JPEG_QUALITIES[int(torch.randint(len(JPEG_QUALITIES), ()))]
+    buffer = io.BytesIO()
+    tile.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as degraded:
+        return degraded.convert("RGB")
+
+
+class InternVLDataset(Dataset):
+    """Every dataset of a meta JSON as one map-style dataset, in meta order; items are ready for the Collator."""
+
+    def __init__(
+        self,
+        meta_path: str | os.PathLike,
+        tokenizer: PreTrainedTokenizerBase,
+        template_name: str,
+        num_image_token: int,
+        *,
+        image_size: int = 448,
+        dynamic_image_size: bool = False,
+        use_thumbnail: bool = False,
+        min_dynamic_patch: int = 1,
+        max_dynamic_patch: int = 12,
+        max_seq_length: int | None = None,
+        skip_bad_samples: bool = False,
+    ):
+        self.builder = SampleBuilder(
+            tokenizer, template_name, num_image_token, image_size, dynamic_image_size, use_thumbnail,
+            min_dynamic_patch, max_dynamic_patch, max_seq_length,
+        )
+        self.skip_bad_samples = skip_bad_samples
+        self.parts = [Annotations(spec) for spec in read_meta(meta_path)]
+        self._ends = list(accumulate(len(part) for part in self.parts))  # global index ranges of the parts
+        # Bad-sample marks, one byte per distinct line (0: not known bad, k: cause CAUSES[k - 1]). Shared memory, so
+        # that marks made in DataLoader worker processes reach skip_report() in the main process.
+        self._line_starts = [0, *accumulate(part.distinct for part in self.parts)]
+        self._bad = torch.zeros(max(self._line_starts[-1], 1), dtype=torch.uint8).share_memory_()
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
+        if not self.skip_bad_samples:
+            return self._build(index)
+        for step in range(len(self)):
+            candidate = (index + step) % len(self)
+            mark = self._mark_position(candidate)
+            if self._bad[mark]:  # known bad (already logged and counted): no need to read it again
+                continue
+            try:
+                return self._build(candidate)
+            except SampleError as error:
+                self._bad[mark] = CAUSES.index(error.cause) + 1
+                logger.warning("skipping bad sample %s", error)
+        raise RuntimeError(f"every one of the {len(self)} samples is bad: {self.skip_report()}")
+
+    def skip_report(self) -> dict[str, int]:
+        """Bad samples skipped so far (distinct annotation lines), per cause; also logged as a warning."""
+        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
+        report = {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+        if report:
+            details = ", ".join(f"{cause}: {count}" for cause, count in report.items())
+            logger.warning("skipped %d bad samples (%s)", sum(report.values()), details)
+        elif self.skip_bad_samples:
+            logger.info("no bad sample skipped")
+        return report
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(part, index within the part) of a global index."""
+        part = bisect.bisect_right(self._ends, index)
+        return part, index - (self._ends[part - 1] if part else 0)
+
+    def _mark_position(self, index: int) -> int:
+        """Where the bad-sample mark of a global index is: its line's, shared by the line's repeats."""
+        part, local = self._locate(index)
+        return self._line_starts[part] + local % self.parts[part].distinct
+
+    def _build(self, index: int) -> dict[str, torch.Tensor]:
+        part, local = self._locate(index)
+        annotations = self.parts[part]
+        spec = annotations.spec
+        return self.builder.build(annotations.record(local), spec.max_dynamic_patch, augment=spec.data_augment)
+
+
+def build_datasets(meta_path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, **settings) -> InternVLDataset:
+    """The training dataset of a meta file (the official trainer's function name); settings as InternVLDataset's."""
+    return InternVLDataset(meta_path, tokenizer, **settings)

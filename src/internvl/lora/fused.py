@@ -1,0 +1,552 @@
+"""A faster LoRA training step on a PEFT-wrapped LLM, with PEFT's parameters, semantics and file format.
+
+PEFT's LoRA layer runs the adapter beside the base layer as separate operations: the input is cast to the
+adapter's float32, dropped out, sent through `lora_A` and `lora_B`, scaled, and added to the base output, each
+step a full pass over a [tokens, features] tensor with its own saved activations. On a 7B model that is most of
+the gap between a frozen model's step and a LoRA step. `enable_fast_lora` swaps in fused forward paths that
+read the same `lora_A` / `lora_B` parameters:
+
+- each LoRA linear is one autograd node: the base output with the adapter's low-rank update added in place,
+  one input gradient for base and adapter together, no gradient for the frozen weight, and only the input and
+  the rank-r intermediate saved (the dropout mask is redrawn from a seed in backward, not stored);
+- a gated MLP (`down(silu(gate(x)) * up(x))`) runs gate and up as one node and recomputes `silu(g) * u` in
+  backward, so the [tokens, intermediate] product is never stored, and a checkpointed layer's recompute stops
+  before the down projection's GEMM;
+- RMSNorm saves only its input and the per-row scale;
+- with `labels`, the loss is computed in chunks of tokens straight from the last hidden state, so the
+  [tokens, vocab] logits never exist in full (the output has `logits=None`).
+
+The optimizer, `save_pretrained` and merging see PEFT's own modules and parameters throughout; `restore()`
+puts PEFT's forwards back. Dropout keeps PEFT's semantics (an independent mask per LoRA module, on the adapter's
+input only); the masks come from seeds drawn from the CPU generator, which gradient checkpointing restores, so
+a recomputed layer redraws the same masks.
+
+`fit_checkpointing` picks how many decoder layers to leave un-checkpointed within a memory budget.
+
+    model = add_lora(llm, ...)                      # a PeftModel, as for the plain path
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    handle = maybe_enable_fast_lora(model)          # None (and a logged reason) off CUDA or when unsupported
+    fit_checkpointing(model, lambda: model(**batch).loss.backward(), budget_bytes)
+    ...                                             # train; save_pretrained as usual
+    handle.restore()
+
+Measured figures (one H200, InternVL2.5-8B's and InternVL3-8B's LLMs): bench/README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+logger = logging.getLogger(__name__)
+
+# Child names of gated MLPs, (gate, up, down): LLaMA-style (LLaMA, Qwen2/3, Phi3's split variants) and InternLM2.
+GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+IGNORE_INDEX = -100
+
+
+# ----- elementwise pieces ---------------------------------------------------------------------------------
+# Written as plain torch; on CUDA they run through torch.compile, which fuses each into one kernel (eager torch
+# would make a pass over the tensor per operation). On CPU they run eagerly, so tests need no compiler.
+
+
+def _rms_norm_forward(x, weight, eps):
+    x32 = x.float()
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (x32 * rstd).to(x.dtype), rstd
+
+
+def _rms_norm_backward(dy, x, weight, rstd):
+    normed = x.float() * rstd
+    dnormed = (dy * weight).float()
+    return (rstd * (dnormed - normed * (dnormed * normed).mean(-1, keepdim=True))).to(x.dtype)
+
+
+def _swiglu_forward(gate, up):
+    return F.silu(gate) * up
+
+
+def _swiglu_backward(dact, gate, up):
+    gate32, dact32 = gate.float(), dact.float()
+    sig = torch.sigmoid(gate32)
+    dup = dact32 * gate32 * sig
+    dgate = dact32 * up.float() * sig * (1 + gate32 * (1 - sig))
+    return dgate.to(gate.dtype), dup.to(up.dtype)
+
+
+_compiled: dict = {}
+
+
+def _kernel(fn, like: torch.Tensor):
+    """`fn` compiled for CUDA tensors (once per function), `fn` itself elsewhere."""
+    if not like.is_cuda:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, fullgraph=True)
+    return _compiled[fn]
+
+
+# ----- fused LoRA linears ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A frozen linear layer and its LoRA adapter's constants, as the fused functions see them."""
+
+    weight: torch.Tensor  # [out, in]; frozen
+    bias: torch.Tensor | None  # frozen
+    scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA)
+    dropout: float  # the adapter-input dropout rate, 0.0 when not training
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x` times the 0/1 keep-mask (keep probability 1 - p) of `seed`; no 1/(1-p) scaling. `out` may be x."""
+    if x.is_cuda:  # one Triton pass, the mask drawn in-register
+        from internvl.lora.kernels import apply_keep_mask
+
+        return apply_keep_mask(x, p, seed, out)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    return torch.mul(x, torch.empty_like(x).bernoulli_(1.0 - p, generator=generator), out=out)
+
+
+def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The 0/1 keep-mask that the fused functions apply for dropout rate `p` and `seed`, shaped like `like`."""
+    return _dropped(torch.ones_like(like), p, seed)
+
+
+def _lora_forward(x2, proj: Projection, seed, lora_a, lora_b):
+    """Base output with the adapter's update added in place, and the rank-r intermediate h backward needs."""
+    y = F.linear(x2, proj.weight, proj.bias)  # [N, out]
+    x_in = x2 if proj.dropout == 0.0 else _dropped(x2, proj.dropout, seed)
+    h = x_in @ lora_a.to(x2.dtype).t()  # [N, r]
+    if proj.dropout:
+        h.mul_(1.0 / (1.0 - proj.dropout))  # inverted dropout's scale, on the small tensor
+    y.addmm_(h, lora_b.to(y.dtype).t(), alpha=proj.scale)
+    return y, h
+
+
+def _lora_backward(x2, dy2, h, proj: Projection, seed, lora_a, lora_b, dx2, need_dx: bool):
+    """Gradients of `_lora_forward`: the adapter's (dA, dB), and dx accumulated into `dx2` (None: a new one)."""
+    lora_a_c, lora_b_c = lora_a.to(dy2.dtype), lora_b.to(dy2.dtype)
+    grad_b = (dy2.t() @ h).mul_(proj.scale)  # [out, r]
+    dh = dy2 @ lora_b_c  # [N, r]
+    dh.mul_(proj.scale / (1.0 - proj.dropout))
+    dropout = proj.dropout != 0.0
+    grad_a = dh.t() @ (_dropped(x2, proj.dropout, seed) if dropout else x2)  # [r, in]
+    if need_dx:
+        if not dropout and dx2 is not None:
+            dx2.addmm_(dh, lora_a_c)
+        else:
+            dx_lora = dh @ lora_a_c  # [N, in]
+            if dropout:
+                _dropped(dx_lora, proj.dropout, seed, out=dx_lora)
+            dx2 = dx_lora if dx2 is None else dx2.add_(dx_lora)
+        dx2.addmm_(dy2, proj.weight)  # the frozen base's share, in place
+    return dx2, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+
+
+class LoraLinears(torch.autograd.Function):
+    """`y_i = x W_i^T + b_i + scale_i * drop_i(x) A_i^T B_i^T` for projections i that share the input x.
+
+    Arguments: x, a tuple of `Projection`s, a tuple of dropout seeds, then `A_0, B_0, A_1, B_1, ...` (the
+    adapters' parameters; only these and x get gradients). Saves x and each rank-r intermediate.
+    """
+
+    @staticmethod
+    def forward(ctx, x, projections, seeds, *lora):
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        outputs, hs = [], []
+        for proj, seed, lora_a, lora_b in zip(projections, seeds, lora[0::2], lora[1::2]):
+            y, h = _lora_forward(x2, proj, seed, lora_a, lora_b)
+            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            hs.append(h)
+        ctx.save_for_backward(x2, *hs, *lora)
+        ctx.projections, ctx.seeds, ctx.x_shape = projections, seeds, x.shape
+        ctx.set_materialize_grads(False)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, *rest = ctx.saved_tensors
+        count = len(ctx.projections)
+        hs, lora = rest[:count], rest[count:]
+        dx2, lora_grads = None, []
+        for i, (proj, seed, dy) in enumerate(zip(ctx.projections, ctx.seeds, grads)):
+            if dy is None:  # this output was not used
+                lora_grads += [None, None]
+                continue
+            dx2, grad_a, grad_b = _lora_backward(
+                x2, dy.reshape(-1, dy.shape[-1]), hs[i], proj, seed, lora[2 * i], lora[2 * i + 1], dx2,
+                ctx.needs_input_grad[0],
+            )
+            lora_grads += [grad_a, grad_b]
+        dx = None if dx2 is None else dx2.view(ctx.x_shape)
+        return dx, None, None, *lora_grads
+
+
+class SwiGLULoraA(torch.autograd.Function):
+    """`act = silu(gate) * up` and its LoRA-A product `h = drop(act) A^T / (1 - p)`, storing gate and up only.
+
+    Arguments: gate, up, the down `Projection`, its dropout seed, A. Returns (act, h) for `LinearLoraB`. This
+    node is the last one of a decoder layer to save tensors, so a checkpointed layer's recompute stops here
+    (torch stops as soon as every saved tensor is back) and never repeats the down projection's GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, proj, seed, lora_a):
+        act = _kernel(_swiglu_forward, gate)(gate, up)
+        act2 = act.view(-1, act.shape[-1])  # [N, intermediate]
+        x_in = act2 if proj.dropout == 0.0 else _dropped(act2, proj.dropout, seed)
+        h = (x_in @ lora_a.to(act.dtype).t()).mul_(1.0 / (1.0 - proj.dropout))  # [N, r]
+        ctx.save_for_backward(gate, up, lora_a)
+        ctx.proj, ctx.seed = proj, seed
+        return act, h
+
+    @staticmethod
+    def backward(ctx, dact, dh):
+        gate, up, lora_a = ctx.saved_tensors
+        p = ctx.proj.dropout
+        act2 = _kernel(_swiglu_forward, gate)(gate, up).view(-1, gate.shape[-1])
+        dh = dh * (1.0 / (1.0 - p))
+        grad_a = dh.t() @ (act2 if p == 0.0 else _dropped(act2, p, ctx.seed))  # [r, intermediate]
+        dact_lora = dh @ lora_a.to(dh.dtype)  # [N, intermediate]
+        if p:
+            _dropped(dact_lora, p, ctx.seed, out=dact_lora)
+        dact2 = dact_lora.add_(dact.view_as(dact_lora))
+        dgate, dup = _kernel(_swiglu_backward, gate)(dact2.view(gate.shape), gate, up)
+        return dgate, dup, None, None, grad_a.to(lora_a.dtype)
+
+
+class LinearLoraB(torch.autograd.Function):
+    """`y = x W^T + b + scale * h B^T`: the frozen base linear plus the LoRA-B product of `h` (from SwiGLULoraA).
+
+    Arguments: x, h, the `Projection`, B. It saves nothing through autograd (h, a [N, r] tensor, and the
+    parameter B are kept on ctx): a saved tensor would make checkpoint recompute run this GEMM again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, h, proj, lora_b):
+        x2 = x.view(-1, x.shape[-1])
+        y = F.linear(x2, proj.weight, proj.bias)  # [N, out]
+        y.addmm_(h, lora_b.to(y.dtype).t(), alpha=proj.scale)
+        ctx.h, ctx.lora_b, ctx.proj, ctx.x_shape = h, lora_b, proj, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        grad_b = (dy2.t() @ ctx.h).mul_(ctx.proj.scale)  # [out, r]
+        dh = (dy2 @ ctx.lora_b.to(dy2.dtype)).mul_(ctx.proj.scale)  # [N, r]
+        dx = (dy2 @ ctx.proj.weight).view(ctx.x_shape)
+        return dx, dh, None, grad_b.to(ctx.lora_b.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """`weight * (x / rms(x))` computed in float32, as transformers' RMSNorm; saves x and 1/rms only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, rstd = _kernel(_rms_norm_forward, x)(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        return _kernel(_rms_norm_backward, x)(dy, x, weight, rstd), None, None
+
+
+# ----- chunked linear + cross-entropy ---------------------------------------------------------------------
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Next-token cross-entropy of `hidden @ weight.T` without the full logits; gradient for hidden only.
+
+    Arguments: hidden [N, H] and targets [N] (already shifted; IGNORE_INDEX skipped), the frozen head weight
+    [V, H], the divisor of the summed loss, and the rows per chunk. The gradient is computed chunk by chunk in
+    forward (the chunk's logits are then freed), so backward is one multiply.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, divisor, chunk_rows):
+        rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        # A vocabulary that is no multiple of 8 (92553, 151674) gives the logits a row stride on which cuBLAS
+        # falls back to slow unaligned kernels; the head's first `aligned` rows keep every product aligned.
+        aligned = weight.shape[0] - weight.shape[0] % 8
+        head, tail = weight[:aligned], weight[aligned:]
+        for start in range(0, rows.numel(), chunk_rows):
+            index = rows[start : start + chunk_rows]
+            h, target = hidden[index], targets[index]
+            logits = torch.empty(index.numel(), weight.shape[0], dtype=torch.float32, device=h.device)  # [n, V]
+            logits[:, :aligned] = h @ head.t()
+            logits[:, aligned:] = h @ tail.t()
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(index.numel(), device=h.device), target] -= 1.0
+                probs.div_(divisor)
+                grad_rows = probs[:, :aligned].to(h.dtype).contiguous() @ head
+                grad[index] = grad_rows.addmm_(probs[:, aligned:].to(h.dtype), tail)
+        ctx.save_for_backward(grad)
+        return loss / divisor
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return grad * dloss.to(grad.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, chunk_elements=2**26):
+    """transformers' causal-LM loss (shift labels left, ignore -100, mean or sum / `num_items_in_batch`) of
+    `hidden @ weight.T`, computed `chunk_elements` logits at a time."""
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)  # [N]
+    hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    if num_items_in_batch is None:
+        divisor = (targets != IGNORE_INDEX).sum().clamp(min=1).item()
+    else:
+        divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden2, weight, targets, float(divisor), chunk_rows)
+
+
+# ----- the swap -------------------------------------------------------------------------------------------
+
+
+def _lora_parts(module: LoraLinear):
+    """(Projection, A, B) of a LoRA linear's active adapter, for the current training mode."""
+    name = module.active_adapters[0]
+    dropout = module.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    base = module.get_base_layer()
+    proj = Projection(base.weight, base.bias, float(module.scaling[name]), float(p))
+    return proj, module.lora_A[name].weight, module.lora_B[name].weight
+
+
+def _seed() -> int:
+    return int(torch.randint(2**31 - 1, ()).item())  # Triton's Philox takes a 32-bit seed
+
+
+def _runs_peft(module: LoraLinear) -> bool:
+    """True while PEFT's own path must run: adapters disabled or merged (both can change after the swap)."""
+    return module.disable_adapters or module.merged
+
+
+def _fused_lora_forward(module: LoraLinear, original):
+    def forward(x, *args, **kwargs):
+        if _runs_peft(module) or args or kwargs:
+            return original(x, *args, **kwargs)
+        proj, lora_a, lora_b = _lora_parts(module)
+        (y,) = LoraLinears.apply(x, (proj,), (_seed(),), lora_a, lora_b)
+        return y
+
+    return forward
+
+
+def _fused_mlp_forward(mlp: nn.Module, gate: LoraLinear, up: LoraLinear, down: LoraLinear, original):
+    def forward(x):
+        if any(_runs_peft(m) for m in (gate, up, down)):
+            return original(x)
+        gate_proj, gate_a, gate_b = _lora_parts(gate)
+        up_proj, up_a, up_b = _lora_parts(up)
+        g, u = LoraLinears.apply(x, (gate_proj, up_proj), (_seed(), _seed()), gate_a, gate_b, up_a, up_b)
+        down_proj, down_a, down_b = _lora_parts(down)
+        act, h = SwiGLULoraA.apply(g, u, down_proj, _seed(), down_a)
+        return LinearLoraB.apply(act, h, down_proj, down_b)
+
+    return forward
+
+
+def _fused_rms_norm_forward(norm: nn.Module):
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+    def forward(x):
+        return RMSNormFunction.apply(x, norm.weight, eps)
+
+    return forward
+
+
+def _fused_loss_forward(llm: nn.Module, head: nn.Linear, original):
+    def forward(*args, labels=None, **kwargs):
+        if labels is None:
+            return original(*args, **kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs.pop("logits_to_keep", None)
+        kwargs.pop("return_dict", None)
+        outputs = llm.get_decoder()(*args, **kwargs)
+        loss = linear_cross_entropy(outputs.last_hidden_state, head.weight, labels, num_items_in_batch)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+    return forward
+
+
+def unsupported_reasons(model: nn.Module) -> list[str]:
+    """Why `enable_fast_lora` cannot run on `model`; empty when it can."""
+    if not isinstance(model, PeftModel):
+        return [f"{type(model).__name__} is not a PeftModel (wrap it with internvl.lora.inject.add_lora first)"]
+    reasons = []
+    if len(model.peft_config) != 1 or len(model.active_adapters) != 1:
+        reasons.append(f"needs exactly one adapter, found {sorted(model.peft_config)}")
+    config = model.peft_config[model.active_adapters[0]]
+    if getattr(config, "peft_type", None) is None or config.peft_type.value != "LORA":
+        return reasons + [f"needs a LoRA adapter, found {config.peft_type}"]
+    for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
+        if getattr(config, option, False):
+            reasons.append(f"{option}=True is not supported")
+    lora_modules = [m for m in model.modules() if type(m) is LoraLinear]
+    if not lora_modules:
+        reasons.append("no LoRA nn.Linear layers to accelerate")
+    for module in lora_modules:
+        if module.lora_variant or not isinstance(module.get_base_layer(), nn.Linear):
+            reasons.append(f"{type(module.get_base_layer()).__name__} base layer or LoRA variant in a LoRA layer")
+            break
+        if module.get_base_layer().weight.requires_grad:
+            reasons.append("a LoRA layer's base weight is trainable; the fused path computes no base-weight grad")
+            break
+    return reasons
+
+
+class FastLoRA:
+    """The handle `enable_fast_lora` returns: what it swapped, and `restore()` to put PEFT's forwards back.
+
+    Also a context manager: `with enable_fast_lora(model): ...` restores on exit.
+    """
+
+    def __init__(self, model: PeftModel):
+        self.model = model
+        self._swapped: list[nn.Module] = []
+        self.counts = {"lora_linears": 0, "gated_mlps": 0, "rms_norms": 0, "fused_loss": 0}
+
+    def _swap(self, module: nn.Module, forward, kind: str) -> None:
+        module.forward = forward  # an instance attribute; deleting it uncovers the class's forward again
+        self._swapped.append(module)
+        self.counts[kind] += 1
+
+    def restore(self) -> None:
+        """Put every swapped module's own forward back."""
+        for module in reversed(self._swapped):
+            del module.forward
+        self._swapped.clear()
+
+    def __enter__(self) -> FastLoRA:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def __repr__(self) -> str:
+        swapped = ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in self.counts.items())
+        return f"FastLoRA({swapped})"
+
+
+def enable_fast_lora(model: PeftModel) -> FastLoRA:
+    """Swap fused forward paths into a PEFT-LoRA-wrapped causal LM; returns the handle that undoes it.
+
+    Raises ValueError naming every reason when the configuration is outside what the fused path computes
+    (DoRA, several adapters, a LoRA bias, a trainable base weight, ...). LoRA layers of other kinds (embeddings,
+    target parameters) keep PEFT's forward. The loss is fused only when the output head is a frozen bias-free
+    `nn.Linear`; RMSNorm only when its weight is frozen.
+    """
+    reasons = unsupported_reasons(model)
+    if reasons:
+        raise ValueError("Fast LoRA cannot accelerate this model: " + "; ".join(reasons))
+    llm = model.get_base_model()
+    if any("forward" in vars(m) for m in llm.modules()):
+        raise ValueError("a module's forward is already swapped (fast LoRA enabled twice?); restore() it first")
+    handle = FastLoRA(model)
+    in_mlp = set()
+    silu = getattr(llm.config, "hidden_act", None) in ("silu", "swish")  # the MLPs' act_fn is built from it
+    for mlp in llm.modules():
+        for names in GATED_MLP_NAMES:
+            parts = [getattr(mlp, name, None) for name in names]
+            if silu and hasattr(mlp, "act_fn") and all(type(p) is LoraLinear for p in parts):
+                handle._swap(mlp, _fused_mlp_forward(mlp, *parts, original=mlp.forward), "gated_mlps")
+                in_mlp.update(parts)
+    for module in llm.modules():
+        if type(module) is LoraLinear and module not in in_mlp:
+            handle._swap(module, _fused_lora_forward(module, module.forward), "lora_linears")
+        elif (
+            type(module).__name__.endswith("RMSNorm")
+            and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and not module.weight.requires_grad
+            and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
+        ):
+            handle._swap(module, _fused_rms_norm_forward(module), "rms_norms")
+    handle.counts["lora_linears"] += 3 * handle.counts["gated_mlps"]
+    head = llm.get_output_embeddings()
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        handle._swap(llm, _fused_loss_forward(llm, head, llm.forward), "fused_loss")
+    else:
+        logger.info("fast LoRA: the output head %s is not a frozen bias-free Linear; loss left as is", type(head))
+    return handle
+
+
+def maybe_enable_fast_lora(model: nn.Module) -> FastLoRA | None:
+    """`enable_fast_lora` where it helps (CUDA, a supported configuration); otherwise None and a logged reason."""
+    device = next(model.parameters()).device
+    reasons = [f"parameters are on {device}, the fused path is for CUDA"] if device.type != "cuda" else []
+    reasons = reasons or unsupported_reasons(model)
+    if reasons:
+        logger.warning("Fast LoRA off, training runs PEFT's own layers: %s", "; ".join(reasons))
+        return None
+    return enable_fast_lora(model)
+
+
+# ----- checkpointing policy -------------------------------------------------------------------------------
+
+
+def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers that carry transformers' per-layer `gradient_checkpointing` flag, in order."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointed_layers(model: nn.Module, uncheckpointed: int) -> None:
+    """Checkpoint every decoder layer but the last `uncheckpointed` (gradient checkpointing must be enabled).
+
+    The last layers are the ones to keep: their activations are freed first in backward, before the
+    checkpointed layers recompute theirs.
+    """
+    layers = checkpointable_layers(model)
+    if layers and not hasattr(layers[0], "_gradient_checkpointing_func"):
+        raise ValueError("enable gradient checkpointing first (model.gradient_checkpointing_enable())")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < len(layers) - uncheckpointed
+
+
+def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: int = 2) -> int:
+    """Leave as many last decoder layers un-checkpointed as fit in `budget_bytes` of peak CUDA memory.
+
+    `train_step()` runs one forward and backward (its gradients are cleared afterwards). It runs with every
+    layer checkpointed and with `probe` layers not, to measure the bytes an un-checkpointed layer adds; the
+    chosen count is then checked with one more step and lowered until the peak fits. Returns the count.
+    """
+
+    def peak(uncheckpointed: int) -> int:
+        set_checkpointed_layers(model, uncheckpointed)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step()
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    layers = len(checkpointable_layers(model))
+    base = peak(0)
+    per_layer = max(1, (peak(probe) - base) // probe)
+    count = max(0, min(layers, (budget_bytes - base) // per_layer))
+    while count > 0 and peak(count) > budget_bytes:
+        count -= 1
+    set_checkpointed_layers(model, count)
+    return count

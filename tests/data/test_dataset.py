@@ -1,0 +1,258 @@
+"""InternVLDataset: official-format folders -> tiles, input ids and labels; bad samples raise or are skipped."""
+
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerFast
+
+from internvl.data.collate import Collator
+from internvl.data.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
+from internvl.data.dataset import InternVLDataset, build_datasets
+from internvl.data.errors import SampleError
+from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
+from tests.data.conftest import GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
+
+SETTINGS = dict(image_size=TILE, dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6)
+
+
+def make_dataset(meta, tokenizer, template="internvl2_5", **overrides) -> InternVLDataset:
+    return InternVLDataset(meta, tokenizer, template, NUM_IMAGE_TOKEN, **{**SETTINGS, **overrides})
+
+
+def learned_texts(tokenizer, labels: torch.Tensor) -> list[str]:
+    """The decoded runs of labels that are learned (not IGNORE_INDEX)."""
+    runs, current = [], []
+    for label in [*labels.tolist(), IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            current.append(label)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    return runs
+
+
+def image_tokens(tokenizer, input_ids: torch.Tensor) -> int:
+    return int((input_ids == tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)).sum())
+
+
+@pytest.fixture
+def official_folder(tmp_path):
+    """A small dataset in the official format: one, two and no images, and a two-round conversation."""
+    write_image(tmp_path / "images/wide.png", 3 * TILE, TILE)  # 3:1 -> 3 tiles + thumbnail
+    write_image(tmp_path / "images/tall.jpg", TILE, 2 * TILE, color=(20, 160, 40))  # 1:2 -> 2 tiles + thumbnail
+    records = [
+        {"image": "images/wide.png", "conversations": chat("<image>\nWhat is in the image?", "A red square.")},
+        {"image": ["images/wide.png", "images/tall.jpg"],
+         "conversations": chat("<image>\n<image>\nDescribe the picture.", "Two shapes.")},
+        {"conversations": chat("What colour is it?", "Black and white.")},
+        {"image": "images/tall.jpg",
+         "conversations": chat("<image>\nWhat is in the image?", "A green square.", "How many shapes?", "Two.")},
+    ]
+    return tmp_path, write_dataset(tmp_path, records)
+
+
+def test_end_to_end_from_folder_to_batch(official_folder, chat_tokenizer):
+    folder, meta = official_folder
+    dataset = make_dataset(meta, chat_tokenizer)
+    assert len(dataset) == 4
+    samples = [dataset[i] for i in range(4)]
+
+    expected_tiles = [4, 4 + 3, 1, 3]  # two images: 6 // 2 = 3 tiles each, enough for (3, 1) and (1, 2), + thumbnails
+    expected_answers = [["A red square.<|im_end|>"], ["Two shapes.<|im_end|>"], ["Black and white.<|im_end|>"],
+                        ["A green square.<|im_end|>", "Two.<|im_end|>"]]
+    for sample, tiles, answers in zip(samples, expected_tiles, expected_answers):
+        assert sample["pixel_values"].shape == (tiles, 3, TILE, TILE)
+        assert learned_texts(chat_tokenizer, sample["labels"]) == answers
+        assert len(sample["input_ids"]) == len(sample["labels"]) == len(sample["attention_mask"])
+    for sample, tiles in zip(samples, expected_tiles):
+        has_image = sample is not samples[2]
+        assert image_tokens(chat_tokenizer, sample["input_ids"]) == (NUM_IMAGE_TOKEN * tiles if has_image else 0)
+        assert sample["image_flags"].tolist() == [int(has_image)] * tiles
+
+    # The tiles are the official tiling of the file, normalised.
+    image = Image.open(folder / "images/wide.png").convert("RGB")
+    tiles = dynamic_preprocess(image, 1, 6, TILE, use_thumbnail=True)
+    assert torch.equal(samples[0]["pixel_values"], tiles_to_tensor(tiles, TILE))
+
+    loader = DataLoader(dataset, batch_size=4, collate_fn=Collator(pad_token_id=chat_tokenizer.pad_token_id))
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (4, max(len(s["input_ids"]) for s in samples))
+    assert batch["pixel_values"].shape == (sum(expected_tiles), 3, TILE, TILE)
+    assert batch["image_flags"].tolist() == [1] * 11 + [0] + [1] * 3
+    for row, answers in enumerate(expected_answers):
+        assert learned_texts(chat_tokenizer, batch["labels"][row]) == answers
+
+
+def test_image_placeholder_is_added_to_the_first_human_turn(tmp_path, chat_tokenizer):
+    write_image(tmp_path / "a.png", TILE, TILE)
+    meta = write_dataset(tmp_path, [{"image": "a.png", "conversations": chat("What is in the image?", "A dot.")}])
+    text = chat_tokenizer.decode(make_dataset(meta, chat_tokenizer)[0]["input_ids"])
+    assert "<|im_start|>user\n<img>" + IMG_CONTEXT_TOKEN * NUM_IMAGE_TOKEN + "</img>\nWhat is in the image?" in text
+
+
+def test_several_images_share_the_tile_budget(tmp_path, chat_tokenizer):
+    for name in "abcd":
+        write_image(tmp_path / f"{name}.png", 3 * TILE, TILE)  # 3:1
+    four = {"image": ["a.png", "b.png", "c.png", "d.png"], "conversations": chat("<image>" * 4 + "Compare.", "Same.")}
+    two = {"image": ["a.png", "b.png"], "conversations": chat("<image><image>Compare.", "Same.")}
+    dataset = make_dataset(write_dataset(tmp_path, [two, four]), chat_tokenizer, max_dynamic_patch=4)
+    assert len(dataset[0]["pixel_values"]) == 2 * (2 + 1)  # 4 // 2 = 2 tiles each: (2, 1) + thumbnail
+    assert len(dataset[1]["pixel_values"]) == 4 * 1  # 4 // 4 = 1 tile each, and no thumbnail for one tile
+
+
+def test_a_meta_entry_max_dynamic_patch_wins(tmp_path, chat_tokenizer):
+    write_image(tmp_path / "a.png", 3 * TILE, TILE)
+    record = {"image": "a.png", "conversations": chat("<image>What?", "A line.")}
+    dataset = make_dataset(write_dataset(tmp_path, [record], max_dynamic_patch=2), chat_tokenizer)
+    assert len(dataset[0]["pixel_values"]) == 2 + 1  # (2, 1) + thumbnail instead of (3, 1) + thumbnail
+
+
+def test_without_dynamic_size_each_image_is_one_tile(tmp_path, chat_tokenizer):
+    write_image(tmp_path / "a.png", 3 * TILE, TILE)
+    record = {"image": ["a.png", "a.png"], "conversations": chat("<image><image>What?", "Lines.")}
+    sample = make_dataset(write_dataset(tmp_path, [record]), chat_tokenizer, dynamic_image_size=False)[0]
+    assert sample["pixel_values"].shape == (2, 3, TILE, TILE)
+    assert image_tokens(chat_tokenizer, sample["input_ids"]) == 2 * NUM_IMAGE_TOKEN
+
+
+def test_datasets_of_a_meta_file_follow_each_other_with_their_repeat_time(tmp_path, chat_tokenizer):
+    first = write_dataset(tmp_path, [{"conversations": chat("q", f"first {i}")} for i in range(3)], name="one")
+    meta = write_dataset(tmp_path, [{"conversations": chat("q", "second")}], name="two",
+                         meta=json.loads(first.read_text()), repeat_time=2)
+    dataset = make_dataset(meta, chat_tokenizer)
+    assert len(dataset) == 5
+    answers = [learned_texts(chat_tokenizer, dataset[i]["labels"]) for i in range(5)]
+    assert answers == [["first 0<|im_end|>"], ["first 1<|im_end|>"], ["first 2<|im_end|>"],
+                       ["second<|im_end|>"], ["second<|im_end|>"]]
+
+
+def test_data_augment_reencodes_tiles_reproducibly(tmp_path, chat_tokenizer):
+    write_image(tmp_path / "a.png", 2 * TILE, TILE)
+    record = {"image": "a.png", "conversations": chat("<image>What?", "A line.")}
+    plain = make_dataset(write_dataset(tmp_path, [record]), chat_tokenizer)[0]["pixel_values"]
+    augmented = make_dataset(write_dataset(tmp_path, [record], data_augment=True), chat_tokenizer)
+    torch.manual_seed(0)
+    first = augmented[0]["pixel_values"]
+    torch.manual_seed(0)
+    assert torch.equal(first, augmented[0]["pixel_values"])
+    assert first.shape == plain.shape and not torch.equal(first, plain)
+    assert (first - plain).abs().mean() < 0.2  # JPEG at quality >= 75 stays close
+
+
+def test_tokenizer_without_image_tokens_is_refused(tmp_path, model_dir):
+    meta = write_dataset(tmp_path, [{"conversations": chat("q", "a")}])
+    plain = PreTrainedTokenizerFast.from_pretrained(model_dir)  # not through load_tokenizer
+    with pytest.raises(ValueError, match="load_tokenizer"):
+        make_dataset(meta, plain)
+
+
+def test_build_datasets_is_the_official_entry_point(official_folder, chat_tokenizer):
+    _, meta = official_folder
+    dataset = build_datasets(meta, chat_tokenizer, template_name="internvl2_5", num_image_token=NUM_IMAGE_TOKEN,
+                             **SETTINGS)
+    assert isinstance(dataset, InternVLDataset) and len(dataset) == 4
+
+
+# --- bad samples ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kind, cause",
+    [
+        ("malformed", "malformed JSON: Expecting value"),
+        ("not-utf8", "not UTF-8: byte 0xe9"),
+        ("missing", "missing image: "),
+        ("truncated", "unreadable image: "),
+        ("text", "unreadable image: "),
+        ("bomb", "decompression bomb: "),
+        ("two-placeholders", "image count mismatch: 1 image(s) but 2 <image> placeholder(s)"),
+        ("too-few-placeholders", "image count mismatch: 2 image(s) but 1 <image> placeholder(s)"),
+        ("text-only-placeholder", "image count mismatch: 0 image(s) but 1 <image> placeholder(s)"),
+        ("roles", "invalid conversation: turn 1: expected from='gpt', got 'human'"),
+        ("no-answer", "invalid conversation: "),
+    ],
+)
+def test_each_bad_input_raises_a_sample_error_at_its_line(tmp_path, chat_tokenizer, kind, cause):
+    meta = write_dataset(tmp_path, [GOOD, hostile_line(tmp_path, kind)])
+    dataset = make_dataset(meta, chat_tokenizer)
+    dataset[0]  # the good line before it loads
+    with pytest.raises(SampleError) as error:
+        dataset[1]
+    assert str(error.value).startswith(f"{tmp_path / 'ds.jsonl'}:2: {cause}")
+
+
+def test_a_sample_whose_images_do_not_fit_is_too_long(tmp_path, chat_tokenizer):
+    write_image(tmp_path / "a.png", TILE, TILE)
+    meta = write_dataset(tmp_path, [{"image": "a.png", "conversations": chat("<image>What?", "A dot.")}])
+    with pytest.raises(SampleError, match=r"ds.jsonl:1: sample too long: .*image block"):
+        make_dataset(meta, chat_tokenizer, max_seq_length=40)[0]
+
+
+def test_a_sample_truncated_before_its_answer_is_too_long(tmp_path, chat_tokenizer):
+    meta = write_dataset(tmp_path, [GOOD])
+    with pytest.raises(SampleError, match=r"ds.jsonl:1: sample too long: no answer token within the first 40"):
+        make_dataset(meta, chat_tokenizer, max_seq_length=40)[0]
+
+
+def test_a_template_that_does_not_fit_the_tokenizer_is_a_tokenization_mismatch(tmp_path, chat_tokenizer):
+    meta = write_dataset(tmp_path, [GOOD])
+    with pytest.raises(SampleError, match=r"ds.jsonl:1: tokenization mismatch: template 'internlm2-chat'"):
+        make_dataset(meta, chat_tokenizer, template="internlm2-chat")[0]
+
+
+# --- skipping ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_meta(tmp_path):
+    """Lines 1 and 4 good; 2, 3 and 5 bad."""
+    records = [
+        {"conversations": chat("q", "zero")},
+        hostile_line(tmp_path, "missing"),
+        hostile_line(tmp_path, "malformed"),
+        {"conversations": chat("q", "three")},
+        hostile_line(tmp_path, "two-placeholders"),
+    ]
+    return write_dataset(tmp_path, records)
+
+
+def test_skipping_moves_to_the_next_good_sample_and_counts_causes(mixed_meta, chat_tokenizer, caplog):
+    dataset = make_dataset(mixed_meta, chat_tokenizer, skip_bad_samples=True)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        answers = [learned_texts(chat_tokenizer, dataset[i]["labels"]) for i in range(5)]
+    assert answers == [["zero<|im_end|>"]] + [["three<|im_end|>"]] * 3 + [["zero<|im_end|>"]]  # the last wraps
+    annotation = mixed_meta.parent / "ds.jsonl"
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == [
+        f"skipping bad sample {annotation}:2: missing image: {mixed_meta.parent / 'nope.png'}",
+        f"skipping bad sample {annotation}:3: malformed JSON: Expecting value at column 20",
+        f"skipping bad sample {annotation}:5: image count mismatch: 1 image(s) but 2 <image> placeholder(s)",
+    ]  # each bad line reported once, however often it is skipped
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        report = dataset.skip_report()
+    assert report == {"malformed JSON": 1, "missing image": 1, "image count mismatch": 1}
+    assert "skipped 3 bad samples" in caplog.records[-1].getMessage()
+
+
+def test_without_skipping_a_bad_sample_stops(mixed_meta, chat_tokenizer):
+    dataset = make_dataset(mixed_meta, chat_tokenizer)
+    with pytest.raises(SampleError, match="ds.jsonl:2: missing image"):
+        dataset[1]
+    assert dataset.skip_report() == {}
+
+
+def test_skip_counts_from_dataloader_workers_reach_the_main_process(mixed_meta, chat_tokenizer):
+    dataset = make_dataset(mixed_meta, chat_tokenizer, skip_bad_samples=True)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=Collator(chat_tokenizer.pad_token_id))
+    assert len(list(loader)) == 5
+    assert dataset.skip_report() == {"malformed JSON": 1, "missing image": 1, "image count mismatch": 1}
+
+
+def test_a_dataset_with_no_good_sample_fails_even_when_skipping(tmp_path, chat_tokenizer):
+    meta = write_dataset(tmp_path, [hostile_line(tmp_path, "missing"), hostile_line(tmp_path, "roles")])
+    dataset = make_dataset(meta, chat_tokenizer, skip_bad_samples=True)
+    with pytest.raises(RuntimeError, match="every one of the 2 samples is bad"):
+        dataset[0]

@@ -1,0 +1,136 @@
+"""validate-data: every hostile file of a dataset folder reported as FILE:LINE: cause, with counts and exit status."""
+
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from internvl.data.validate import add_subcommand, settings_from_config, validate_dataset
+from tests.data.conftest import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """argv parsed by a CLI that registers validate-data as the project's CLI does."""
+    parser = argparse.ArgumentParser(prog="internvl-lora")
+    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def hostile_folder(tmp_path):
+    """Two datasets: 'clean' is fine; 'hostile' holds every kind of bad line, each after a good one."""
+    write_image(tmp_path / "images/ok.png", 2 * TILE, TILE)
+    kinds = ["bomb", "truncated", "text", "not-utf8", "malformed", "missing", "two-placeholders", "roles"]
+    hostile = []
+    for kind in kinds:
+        hostile += [{"image": "images/ok.png", "conversations": chat("What is in the image?", "A red line.")},
+                    hostile_line(tmp_path, kind)]
+    clean = write_dataset(tmp_path, [GOOD] * 3, name="clean")
+    return write_dataset(tmp_path, hostile, name="hostile", meta=json.loads(clean.read_text()))
+
+
+def expected_problems(folder) -> list[str]:
+    hostile = folder / "hostile.jsonl"
+    return [
+        f"{hostile}:2: decompression bomb: {folder / 'bomb.png'}: Image size (10000000000 pixels) exceeds limit",
+        f"{hostile}:4: unreadable image: {folder / 't.jpg'}: image file is truncated",
+        f"{hostile}:6: unreadable image: {folder / 'x.jpg'}: cannot identify image file",
+        f"{hostile}:8: not UTF-8: byte 0xe9 at column 51",
+        f"{hostile}:10: malformed JSON: Expecting value at column 20",
+        f"{hostile}:12: missing image: {folder / 'nope.png'}",
+        f"{hostile}:14: image count mismatch: 1 image(s) but 2 <image> placeholder(s)",
+        f"{hostile}:16: invalid conversation: turn 1: expected from='gpt', got 'human'",
+    ]
+
+
+def test_validate_data_prints_each_problem_then_counts_and_fails(hostile_folder, model_dir, capsys):
+    args = parse(["validate-data", "--meta_path", str(hostile_folder), "--model_name_or_path", str(model_dir),
+                  "--workers", "2"])
+    assert args.func(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    problems = expected_problems(hostile_folder.parent)
+    assert len(lines) > len(problems)
+    for line, expected in zip(lines, problems):
+        assert line.startswith(expected)
+    assert lines[len(problems):] == [
+        "checked 19 lines in 2 datasets: 8 problems",
+        "problems per cause:",
+        "  unreadable image: 2",
+        "  decompression bomb: 1",
+        "  not UTF-8: 1",
+        "  malformed JSON: 1",
+        "  missing image: 1",
+        "  image count mismatch: 1",
+        "  invalid conversation: 1",
+        "problems per dataset:",
+        "  hostile: 8 in 16 lines",
+    ]
+
+
+def test_validate_data_passes_a_clean_dataset(tmp_path, model_dir, capsys):
+    write_image(tmp_path / "a.png", TILE, 3 * TILE)
+    meta = write_dataset(tmp_path, [GOOD, {"image": "a.png", "conversations": chat("What?", "A column.")}])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir)])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out == "checked 2 lines in 1 datasets: 0 problems\n"
+
+
+def test_max_seq_length_option_limits_samples(tmp_path, model_dir, capsys):
+    meta = write_dataset(tmp_path, [GOOD])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
+                  "--max_seq_length", "40"])
+    assert args.func(args) == 1
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds.jsonl'}:1: sample too long: no answer token")
+
+
+def test_workers_do_not_change_the_report(hostile_folder, chat_tokenizer):
+    settings = settings_from_config(CONFIG)
+    one = validate_dataset(hostile_folder, chat_tokenizer, max_seq_length=4096, workers=1, **settings)
+    two = validate_dataset(hostile_folder, chat_tokenizer, max_seq_length=4096, workers=2, **settings)
+    assert [str(p) for p in one.all_problems()] == [str(p) for p in two.all_problems()]
+    assert one.lines == two.lines == {"clean": 3, "hostile": 16}
+    assert not one.ok and one.problems["clean"] == []
+
+
+def test_many_lines_are_split_across_workers_in_order(tmp_path, chat_tokenizer):
+    records = [GOOD] * 150
+    records[3] = records[140] = {"conversations": chat("<image>q", "a")}  # lines 4 and 141: in different tasks
+    meta = write_dataset(tmp_path, records)
+    report = validate_dataset(meta, chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, 4096, workers=2)
+    assert [(p.line, p.cause) for p in report.all_problems()] == [(4, "image count mismatch"),
+                                                                   (141, "image count mismatch")]
+
+
+def test_an_unreadable_annotation_file_is_a_problem_of_its_dataset(tmp_path, chat_tokenizer):
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"gone": {"root": str(tmp_path), "annotation": str(tmp_path / "gone.jsonl")}}))
+    report = validate_dataset(meta, chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, 4096)
+    assert [str(p) for p in report.all_problems()] == [
+        f"{tmp_path / 'gone.jsonl'}: missing annotation: No such file or directory"
+    ]
+
+
+def test_settings_come_from_the_checkpoint_config():
+    official = {"template": "internvl2_5", "force_image_size": 448, "downsample_ratio": 0.5,
+                "vision_config": {"image_size": 448, "patch_size": 14}, "dynamic_image_size": True,
+                "use_thumbnail": True, "max_dynamic_patch": 12}
+    assert settings_from_config(official) == dict(
+        template_name="internvl2_5", num_image_token=256, image_size=448, dynamic_image_size=True,
+        use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
+    )
+    no_force = {"template": "Hermes-2", "vision_config": {"image_size": 224, "patch_size": 14}}
+    assert settings_from_config(no_force)["num_image_token"] == 64  # (224 // 14)^2 * 0.5^2
+    with pytest.raises(ValueError, match="template"):
+        settings_from_config({"vision_config": {"image_size": 448}})
+
+
+def test_module_runs_as_a_script(hostile_folder, model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "internvl.data.validate", "--meta_path", str(hostile_folder),
+         "--model_name_or_path", str(model_dir), "--workers", "1"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[0].startswith(expected_problems(hostile_folder.parent)[0])

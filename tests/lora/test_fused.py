@@ -1,0 +1,275 @@
+"""The fused LoRA path computes what PEFT computes: same outputs, same gradients, same parameters."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+from internvl.archs import llm_arch, resolve
+from internvl.lora.fused import (
+    LinearLoraB,
+    LoraLinears,
+    Projection,
+    RMSNormFunction,
+    SwiGLULoraA,
+    dropout_mask,
+    enable_fast_lora,
+    linear_cross_entropy,
+    maybe_enable_fast_lora,
+    set_checkpointed_layers,
+)
+
+TIGHT = dict(rtol=1e-5, atol=1e-6)
+LAYERS = 2
+SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False, attn_implementation="eager")
+# The fused functions also run on CUDA (Triton dropout); where a GPU is present they are checked there too.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ARCHS = {"Qwen2ForCausalLM": {}, "LlamaForCausalLM": {}, "Qwen3ForCausalLM": dict(head_dim=8)}
+if importlib.util.find_spec("internvl.model.internlm2") is not None:
+    ARCHS["InternLM2ForCausalLM"] = dict(bias=False)
+
+
+class FixedMask(nn.Module):
+    """PEFT's dropout replaced by a given keep-mask (inverted-dropout scaling), to replay the fused path's draw."""
+
+    def __init__(self, mask: torch.Tensor, p: float):
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x):
+        return x * self.mask.view_as(x) / (1 - self.p)
+
+
+def randomize_lora(model: nn.Module, seed: int = 0) -> None:
+    """Non-zero LoRA A and B (PEFT starts B at zero, which would hide half of the gradients)."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.1
+
+
+def lora_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_peft_llm(arch: str, dropout: float = 0.0, seed: int = 0):
+    row = llm_arch(arch)
+    config = resolve(row.config_class)(**SHAPE, **ARCHS[arch])
+    torch.manual_seed(seed)
+    llm = resolve(row.model_class)(config)
+    model = get_peft_model(
+        llm, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(row.lora_targets),
+                        task_type="CAUSAL_LM"),
+    )
+    randomize_lora(model, seed)
+    model.enable_input_require_grads()
+    return model.train()
+
+
+def batch(vocab: int = 96, length: int = 12, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(vocab, (2, length), generator=generator)
+    labels = input_ids.clone()
+    labels[0, :5] = -100  # a masked prompt, as in chat data
+    return input_ids, labels
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_mask_depends_on_the_seed_alone(device):
+    like = torch.empty(256, 512, device=device)
+    mask = dropout_mask(like, 0.25, seed=7)
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert abs(mask.mean().item() - 0.75) < 0.01
+    assert torch.equal(dropout_mask(like, 0.25, seed=7), mask)
+    assert not torch.equal(dropout_mask(like, 0.25, seed=8), mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_lora_linears_match_peft_with_the_same_dropout_masks(device):
+    torch.manual_seed(0)
+    block = nn.ModuleDict({"gate": nn.Linear(16, 24), "up": nn.Linear(16, 24, bias=False)})
+    peft = get_peft_model(block, LoraConfig(r=4, lora_alpha=12, lora_dropout=0.3, target_modules=["gate", "up"]))
+    randomize_lora(peft)
+    peft.to(device)
+    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
+    seeds = (11, 12)
+    layers = [peft.base_model.model[name] for name in ("gate", "up")]
+    for layer, seed in zip(layers, seeds):
+        layer.lora_dropout["default"] = FixedMask(dropout_mask(x.reshape(-1, 16), 0.3, seed), 0.3)
+    weights = torch.randn(2, 3, 5, 24, device=device)
+
+    ref = [layer(x) for layer in layers]
+    (sum((w * y).sum() for w, y in zip(weights, ref))).backward()
+    ref_dx, ref_grads = x.grad.clone(), lora_grads(peft)
+    x.grad = None
+    peft.zero_grad()
+
+    projections = tuple(
+        Projection(l.base_layer.weight, l.base_layer.bias, l.scaling["default"], 0.3) for l in layers
+    )
+    params = [p for l in layers for p in (l.lora_A["default"].weight, l.lora_B["default"].weight)]
+    out = LoraLinears.apply(x, projections, seeds, *params)
+    (sum((w * y).sum() for w, y in zip(weights, out))).backward()
+
+    for y, y_ref in zip(out, ref):
+        torch.testing.assert_close(y, y_ref, **TIGHT)
+    torch.testing.assert_close(x.grad, ref_dx, **TIGHT)
+    for name, grad in lora_grads(peft).items():
+        torch.testing.assert_close(grad, ref_grads[name], **TIGHT)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gated_down_projection_matches_silu_product_through_peft(device):
+    torch.manual_seed(1)
+    down = get_peft_model(nn.Sequential(nn.Linear(24, 16, bias=False)),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["0"]))
+    randomize_lora(down)
+    down.to(device)
+    layer = down.base_model.model[0]
+    gate = torch.randn(2, 7, 24, device=device, requires_grad=True)
+    up = torch.randn(2, 7, 24, device=device, requires_grad=True)
+    layer.lora_dropout["default"] = FixedMask(dropout_mask(torch.empty(14, 24, device=device), 0.2, 5), 0.2)
+    weight = torch.randn(2, 7, 16, device=device)
+
+    (weight * layer(nn.functional.silu(gate) * up)).sum().backward()
+    ref = (gate.grad.clone(), up.grad.clone(), lora_grads(down))
+    gate.grad = up.grad = None
+    down.zero_grad()
+
+    proj = Projection(layer.base_layer.weight, None, layer.scaling["default"], 0.2)
+    act, h = SwiGLULoraA.apply(gate, up, proj, 5, layer.lora_A["default"].weight)
+    out = LinearLoraB.apply(act, h, proj, layer.lora_B["default"].weight)
+    (weight * out).sum().backward()
+
+    torch.testing.assert_close(gate.grad, ref[0], **TIGHT)
+    torch.testing.assert_close(up.grad, ref[1], **TIGHT)
+    for name, grad in lora_grads(down).items():
+        torch.testing.assert_close(grad, ref[2][name], **TIGHT)
+
+
+def test_rms_norm_matches_transformers():
+    norm = Qwen2RMSNorm(32, eps=1e-6)
+    norm.weight.data = torch.randn(32)
+    norm.weight.requires_grad_(False)
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    norm.double()
+    ref = norm(x)
+    dy = torch.randn_like(ref)
+    (ref_dx,) = torch.autograd.grad(ref, x, dy)
+    out = RMSNormFunction.apply(x, norm.weight, 1e-6)
+    (dx,) = torch.autograd.grad(out, x, dy)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, ref_dx)
+
+
+@pytest.mark.parametrize("num_items", [None, 9])
+def test_chunked_linear_cross_entropy_matches_full_logits(num_items):
+    hidden = torch.randn(2, 10, 16, requires_grad=True)
+    head = torch.randn(50, 16)
+    labels = torch.randint(50, (2, 10))
+    labels[1, :4] = -100
+    targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    logits = hidden @ head.t()
+    reduction = "mean" if num_items is None else "sum"
+    ref = nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction=reduction)
+    ref = ref if num_items is None else ref / num_items
+    (ref_grad,) = torch.autograd.grad(ref, hidden)
+
+    # 150 logits per chunk: 3 rows at a time, so several chunks and a ragged last one.
+    loss = linear_cross_entropy(hidden, head, labels, num_items, chunk_elements=150)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(loss, ref, **TIGHT)
+    torch.testing.assert_close(grad, ref_grad, **TIGHT)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_whole_llm_loss_and_lora_grads_match_peft(arch):
+    model = tiny_peft_llm(arch)
+    input_ids, labels = batch()
+    ref = model(input_ids=input_ids, labels=labels)
+    ref.loss.backward()
+    ref_grads = lora_grads(model)
+    model.zero_grad()
+
+    with enable_fast_lora(model) as handle:
+        assert handle.counts["lora_linears"] == len(llm_arch(arch).lora_targets) * LAYERS
+        assert handle.counts["gated_mlps"] == LAYERS
+        assert handle.counts["rms_norms"] >= 2 * LAYERS + 1  # Qwen3 adds q_norm and k_norm
+        assert handle.counts["fused_loss"] == 1
+        out = model(input_ids=input_ids, labels=labels)
+        out.loss.backward()
+    assert out.logits is None  # the point of the fused loss
+    torch.testing.assert_close(out.loss, ref.loss, **TIGHT)
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, ref_grads[name], **TIGHT, msg=name)
+
+
+def test_restore_puts_peft_back_and_adapter_format_is_unchanged(tmp_path):
+    model = tiny_peft_llm("Qwen2ForCausalLM")
+    input_ids, labels = batch()
+    keys = set(model.state_dict())
+    handle = enable_fast_lora(model)
+    assert any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(ValueError, match="already swapped"):
+        enable_fast_lora(model)
+    handle.restore()
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert set(model.state_dict()) == keys
+    assert model(input_ids=input_ids, labels=labels).logits is not None
+
+
+def test_dropout_masks_are_redrawn_identically_under_gradient_checkpointing():
+    input_ids, labels = batch()
+    grads = []
+    for checkpointed in (False, True):
+        model = tiny_peft_llm("Qwen2ForCausalLM", dropout=0.3)
+        if checkpointed:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_checkpointed_layers(model, 1)  # one layer checkpointed, one not
+        enable_fast_lora(model)
+        torch.manual_seed(3)
+        model(input_ids=input_ids, labels=labels).loss.backward()
+        grads.append(lora_grads(model))
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][name], **TIGHT, msg=name)
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_unsupported_configurations_are_refused_with_the_reason():
+    model = tiny_peft_llm("Qwen2ForCausalLM")
+    llm = model.get_base_model()
+    with pytest.raises(ValueError, match="not a PeftModel"):
+        enable_fast_lora(llm)
+    dora = get_peft_model(model.unload(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="use_dora"):
+        enable_fast_lora(dora)
+    assert maybe_enable_fast_lora(dora) is None  # CPU, and DoRA: PEFT's own path with a logged reason
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) & {"Qwen2ForCausalLM", "InternLM2ForCausalLM"}))
+def test_checkpointed_layers_do_not_recompute_the_down_projection(arch, monkeypatch):
+    model = tiny_peft_llm(arch)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_fast_lora(model)
+    down_weights = {id(m.base_layer.weight) for n, m in model.named_modules() if n.endswith(("down_proj", "w2"))}
+    calls = []
+    linear = nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        calls.append(id(weight) in down_weights)
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(nn.functional, "linear", counting_linear)
+    loss = model(input_ids=batch()[0], labels=batch()[1]).loss
+    forward_calls = sum(calls)
+    loss.backward()
+    assert forward_calls == LAYERS
+    assert sum(calls) == LAYERS  # the recompute stopped after the last saved tensor, before the down GEMM
+    # while every other projection ran twice (forward and recompute)
+    assert len(calls) == (2 * len(llm_arch(arch).lora_targets) - 1) * LAYERS
