@@ -34,22 +34,7 @@ def test_every_file_records_where_it_came_from(name):
     assert not any(key.startswith("_") for key in zoo.official_config(name))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="transformers 5's Phi3Config rejects Phi-3's legacy rope type 'su' unless "
-                "original_max_position_embeddings is inside rope_scaling; chat_config must normalize it",
-            ),
-        )
-        if name == "InternVL2-4B"
-        else name
-        for name in NAMES
-    ],
-)
+@pytest.mark.parametrize("name", NAMES)
 def test_every_config_is_official_format_and_loads(name):
     config = zoo.official_config(name)
     assert REQUIRED <= config.keys()

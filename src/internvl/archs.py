@@ -24,6 +24,7 @@ class LLMArch:
     template: str  # conversation template of the official InternVL models with this LLM
     lora_target_parameters: tuple[str, ...] = ()  # fused expert weights (nn.Parameter, not Linear)
     per_expert_checkpoint: bool = False  # files hold one Linear per expert; transformers fuses them
+    attn_implementation: str = "sdpa"  # transformers' kernel name; sdpa unless the class lacks it
 
 
 _LLAMA_STYLE = (
@@ -109,6 +110,7 @@ LLM_ARCHS: dict[str, LLMArch] = {
             config_class="transformers:GptOssConfig",
             lora_targets=_ATTENTION_ONLY,
             lora_target_parameters=_FUSED_EXPERTS,  # never mlp.router
+            attn_implementation="eager",  # transformers' GPT-OSS has no sdpa path (attention sinks)
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="internvl2_5",

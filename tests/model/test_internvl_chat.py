@@ -13,6 +13,11 @@ from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from tests.builders import ARCHITECTURES, build_batch, build_model
 
 
+def lora_dropout(arch: str) -> float:
+    """The official 0.05, or 0 where PEFT adapts fused expert weights (which have no dropout)."""
+    return 0.0 if LLM_ARCHS[arch].lora_target_parameters else 0.05
+
+
 def logits_of(model, batch):
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -30,9 +35,10 @@ def test_forward_gives_logits_and_a_finite_loss(arch, tokenizer):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_wrap_llm_lora_trains_exactly_the_lora_weights_of_the_table_targets(arch, capsys):
     model = build_model(arch)
-    counts = model.wrap_llm_lora(r=4, lora_alpha=8)
+    counts = model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=lora_dropout(arch))
     row = LLM_ARCHS[arch]
-    targets = row.lora_targets + row.lora_target_parameters
+    # A parameter target (fused experts) is adapted on the module that owns the parameter.
+    targets = row.lora_targets + tuple(t.rsplit(".", 1)[0] for t in row.lora_target_parameters)
 
     assert isinstance(model.language_model, PeftModel)
     assert model.config.use_llm_lora == 4
@@ -44,7 +50,7 @@ def test_wrap_llm_lora_trains_exactly_the_lora_weights_of_the_table_targets(arch
             expected.add(name)
     layers = model.config.llm_config.num_hidden_layers
     assert trainable == expected
-    assert len(expected) == 2 * layers * len(targets)  # lora_A and lora_B of every target in every layer
+    assert len(expected) == 2 * layers * len(row.lora_targets + row.lora_target_parameters)  # lora_A and lora_B of every target in every layer
     assert counts.trainable == sum(p.numel() for n, p in model.language_model.named_parameters() if n in expected)
     assert counts.total == sum(p.numel() for p in model.language_model.parameters())
     assert f"{counts.trainable:,}" in capsys.readouterr().out
@@ -71,12 +77,15 @@ def test_save_then_load_gives_the_same_logits_with_and_without_lora(arch, tokeni
     model = build_model(arch)
     batch = build_batch(model, tokenizer)
     model.save_pretrained(tmp_path / "base")
-    assert torch.equal(logits_of(InternVLChatModel.from_pretrained(tmp_path / "base"), batch), logits_of(model, batch))
+    reloaded = InternVLChatModel.from_pretrained(tmp_path / "base")
+    reloaded.img_context_token_id = model.img_context_token_id
+    assert torch.equal(logits_of(reloaded, batch), logits_of(model, batch))
 
-    model.wrap_llm_lora(r=4, lora_alpha=8, init_lora_weights=False, verbose=False)
+    model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=lora_dropout(arch), init_lora_weights=False, verbose=False)
     model.save_pretrained(tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / "config.json").read_text())["use_llm_lora"] == 4
     reloaded = InternVLChatModel.from_pretrained(tmp_path / "lora")
+    reloaded.img_context_token_id = model.img_context_token_id
     assert isinstance(reloaded.language_model, PeftModel)
     assert torch.equal(logits_of(reloaded, batch), logits_of(model.eval(), batch))
 
@@ -85,7 +94,7 @@ def test_save_then_load_gives_the_same_logits_with_and_without_lora(arch, tokeni
 def test_merge_gives_the_same_logits_as_the_adapted_model(arch, tokenizer):
     model = build_model(arch)
     model.wrap_backbone_lora(r=4, lora_alpha=8, init_lora_weights=False, verbose=False)
-    model.wrap_llm_lora(r=4, lora_alpha=8, init_lora_weights=False, verbose=False)
+    model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=lora_dropout(arch), init_lora_weights=False, verbose=False)
     batch = build_batch(model, tokenizer)
     adapted = logits_of(model.eval(), batch)
     model.merge_lora()
@@ -172,3 +181,9 @@ def test_chat_answers_with_the_template_and_keeps_history(tokenizer):
     assert answer == expected
     second = model.chat(tokenizer, None, "And the shape?", config, history=history)
     assert isinstance(second, str)
+
+
+def test_fused_expert_lora_refuses_dropout_with_a_clear_message():
+    model = build_model("Qwen3MoeForCausalLM")
+    with pytest.raises(ValueError, match="no dropout; pass lora_dropout=0"):
+        model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=0.05)

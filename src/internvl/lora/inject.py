@@ -78,6 +78,11 @@ def add_lora(
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
     target_modules, target_parameters = list(target_modules), list(target_parameters)
+    if target_parameters and lora_dropout:
+        raise ValueError(
+            f"PEFT's LoRA on fused expert weights {target_parameters} has no dropout; pass lora_dropout=0, "
+            "or target_modules=[...] to adapt only the attention projections with dropout"
+        )
     check_targets(module, target_modules, target_parameters)
     config = LoraConfig(
         r=r,

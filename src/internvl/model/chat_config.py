@@ -12,6 +12,16 @@ from internvl.model.vision import InternVisionConfig
 _ATTENTION_KEYS = ("attn_implementation", "_attn_implementation")
 
 
+def _current_rope_names(llm: dict) -> dict:
+    """Phi-3's original releases call LongRoPE "su"; transformers 5 only knows it as "longrope"."""
+    scaling = llm.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("type") == "su":
+        llm["rope_scaling"] = {**scaling, "type": "longrope"}
+        if "original_max_position_embeddings" in llm:
+            llm["rope_scaling"].setdefault("original_max_position_embeddings", llm["original_max_position_embeddings"])
+    return llm
+
+
 def _legacy_rope_keys(llm: dict) -> dict:
     """Write transformers-5 `rope_parameters` back as `rope_theta` / `rope_scaling`, which older readers use."""
     params = llm.pop("rope_parameters", None)
@@ -69,8 +79,8 @@ class InternVLChatConfig(PretrainedConfig):
                 llm.pop(key, None)
             architectures = llm.get("architectures") or [None]
             config_class = resolve(llm_arch(architectures[0]).config_class)
-            self.llm_config = config_class(**llm)
-        self.llm_config._attn_implementation = "sdpa"
+            self.llm_config = config_class(**_current_rope_names(llm))
+        self.llm_config._attn_implementation = llm_arch(self.llm_config.architectures[0]).attn_implementation
         if ps_version not in ("v1", "v2"):
             raise ValueError(f"ps_version must be 'v1' or 'v2', got {ps_version!r}")
         self.use_backbone_lora = use_backbone_lora

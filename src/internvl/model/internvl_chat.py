@@ -66,9 +66,16 @@ class InternVLChatModel(PreTrainedModel):
         self.system_message = self.conv_template.system_message
         # Official LoRA checkpoints hold PEFT's key names: wrap before any weight is read.
         if config.use_backbone_lora:
-            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora)
+            self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora,
+                                    verbose=False)
         if config.use_llm_lora:
-            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora)
+            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora,
+                               lora_dropout=self.default_lora_dropout, verbose=False)
+
+    @property
+    def default_lora_dropout(self) -> float:
+        """The official 0.05, or 0 for LLMs whose fused expert weights PEFT adapts without dropout."""
+        return 0.0 if self.arch.lora_target_parameters else 0.05
 
     def _init_weights(self, module):
         # The ViT and the LLM initialise themselves; only the projector is ours.

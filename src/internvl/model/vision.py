@@ -226,7 +226,7 @@ class InternVisionEncoder(nn.Module):
 
     def __init__(self, config: InternVisionConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, config.num_hidden_layers).tolist()
+        rates = [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
         self.layers = nn.ModuleList(InternVisionEncoderLayer(config, rate) for rate in rates)
 
     def forward(
