@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `internvl-lora`; user errors print one line and exit with status 2."""
+    # Deprecation notices transformers raises from inside PEFT mean nothing to a user of this command.
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
