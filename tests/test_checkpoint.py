@@ -44,10 +44,10 @@ def common_keys(hidden: int, vit: int, layers: int = 2) -> dict[str, tuple]:
     return keys
 
 
-# Tiny shape: hidden 64, 4 heads of 16, 2 KV heads, intermediate 128, vocab 448, ViT hidden 32.
+# Tiny shape: hidden 64, 4 heads of 16, 2 KV heads, intermediate 128, vocab 640, ViT hidden 32.
 OFFICIAL_LLM_KEYS = {
     "InternLM2ForCausalLM": {
-        "language_model.model.tok_embeddings.weight": (448, 64),
+        "language_model.model.tok_embeddings.weight": (640, 64),
         # packed per KV group: (4 query heads + 2 KV groups x (k + v)) x 16
         "language_model.model.layers.0.attention.wqkv.weight": ((4 + 2 * 2) * 16, 64),
         "language_model.model.layers.0.attention.wo.weight": (64, 64),
@@ -57,10 +57,10 @@ OFFICIAL_LLM_KEYS = {
         "language_model.model.layers.0.attention_norm.weight": (64,),
         "language_model.model.layers.0.ffn_norm.weight": (64,),
         "language_model.model.norm.weight": (64,),
-        "language_model.output.weight": (448, 64),
+        "language_model.output.weight": (640, 64),
     },
     "Qwen2ForCausalLM": {
-        "language_model.model.embed_tokens.weight": (448, 64),
+        "language_model.model.embed_tokens.weight": (640, 64),
         "language_model.model.layers.0.self_attn.q_proj.weight": (64, 64),
         "language_model.model.layers.0.self_attn.q_proj.bias": (64,),
         "language_model.model.layers.0.self_attn.k_proj.weight": (32, 64),
@@ -71,22 +71,22 @@ OFFICIAL_LLM_KEYS = {
         "language_model.model.layers.0.mlp.down_proj.weight": (64, 128),
         "language_model.model.layers.0.input_layernorm.weight": (64,),
         "language_model.model.layers.0.post_attention_layernorm.weight": (64,),
-        "language_model.lm_head.weight": (448, 64),
+        "language_model.lm_head.weight": (640, 64),
     },
     "LlamaForCausalLM": {
-        "language_model.model.embed_tokens.weight": (448, 64),
+        "language_model.model.embed_tokens.weight": (640, 64),
         "language_model.model.layers.1.self_attn.q_proj.weight": (64, 64),
         "language_model.model.layers.1.self_attn.k_proj.weight": (32, 64),
         "language_model.model.layers.1.mlp.down_proj.weight": (64, 128),
-        "language_model.lm_head.weight": (448, 64),
+        "language_model.lm_head.weight": (640, 64),
     },
     "Phi3ForCausalLM": {
-        "language_model.model.embed_tokens.weight": (448, 64),
+        "language_model.model.embed_tokens.weight": (640, 64),
         "language_model.model.layers.0.self_attn.qkv_proj.weight": (64 + 2 * 32, 64),
         "language_model.model.layers.0.self_attn.o_proj.weight": (64, 64),
         "language_model.model.layers.0.mlp.gate_up_proj.weight": (2 * 128, 64),
         "language_model.model.layers.0.mlp.down_proj.weight": (64, 128),
-        "language_model.lm_head.weight": (448, 64),
+        "language_model.lm_head.weight": (640, 64),
     },
 }
 

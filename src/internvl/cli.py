@@ -135,7 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune", add_help=False,
         help="LoRA fine-tune with the official trainer's arguments (no arguments: the demo)",
     )
-    finetune.add_argument("rest", nargs=argparse.REMAINDER)
     finetune.set_defaults(func=run_finetune)
 
     chat = commands.add_parser("chat", help="ask a model (optionally with an adapter and an image)")
@@ -159,7 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `internvl-lora`; user errors print one line and exit with status 2."""
     # Deprecation notices transformers raises from inside PEFT mean nothing to a user of this command.
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # finetune hands every option on to HfArgumentParser, which knows the official and the HF names.
+    argv = sys.argv[1:] if argv is None else argv
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "finetune":
+        args.rest = argv[argv.index("finetune") + 1:]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:

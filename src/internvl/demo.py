@@ -65,14 +65,14 @@ def _accuracy(answers: list[str], items) -> float:
 def _training_args(output_dir: Path, steps: int, learning_rate: float, batch_size: int, seed: int) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_ratio=0.03, weight_decay=0.0,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 30), weight_decay=0.0,
         logging_steps=10, save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=False,
     )
 
 
-def run_demo(output_dir: str | Path = "demo-output", seed: int = 0, pretrain_steps: int = 600,
-             lora_steps: int = 500, lora_rank: int = 8) -> DemoReport:
+def run_demo(output_dir: str | Path = "demo-output", seed: int = 0, pretrain_steps: int = 400,
+             lora_steps: int = 300, lora_rank: int = 8) -> DemoReport:
     """Run the whole demo into `output_dir` and return its report (also written to report.json)."""
     start = time.time()
     out = Path(output_dir)

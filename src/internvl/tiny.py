@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from internvl.archs import llm_arch
+from internvl.data.templates import TEMPLATE_NAMES, get_conv_template
 from internvl.data.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.model.chat_config import InternVLChatConfig
 
@@ -50,7 +51,7 @@ TINY_LLMS: dict[str, dict] = {
 }
 
 
-def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained in milliseconds, with every chat and image special token."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -61,7 +62,9 @@ def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS, trainer)
+    # The default system messages are in every prompt: learning them keeps tiny prompts short.
+    system_messages = [get_conv_template(name).system_message for name in TEMPLATE_NAMES]
+    tokenizer.train_from_iterator(_CORPUS + system_messages * 4, trainer)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=4096
     )
@@ -72,7 +75,7 @@ def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
 def tiny_config(
     llm_architecture: str = "Qwen2ForCausalLM",
     vision_style: str = "300M",
-    vocab_size: int = 448,
+    vocab_size: int = 640,
     image_size: int = 56,
     **overrides,
 ) -> InternVLChatConfig:

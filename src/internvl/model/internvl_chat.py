@@ -197,11 +197,12 @@ class InternVLChatModel(PreTrainedModel):
         if vit_embeds is not None and vit_embeds.shape[0] == 0:
             # Keep the ViT and projector in the graph on text-only batches so every rank's gradients match.
             inputs_embeds = inputs_embeds + 0.0 * self.extract_feature(pixel_values).sum()
+        if past_key_values is not None:  # transformers 5.24 renamed it; pass it only when there is one
+            kwargs["past_key_values"] = past_key_values
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             labels=labels,
             use_cache=use_cache,
             output_attentions=output_attentions,

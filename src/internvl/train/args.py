@@ -86,7 +86,8 @@ def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments,
         parser.set_defaults(**values)
     if not any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv):
         parser.set_defaults(output_dir=parser.get_default("output_dir") or "runs/finetune")
-    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(
+    # The result also holds a namespace with --config (already read above) before the leftover strings.
+    model_args, data_args, training_args, _, rest = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
     if rest:

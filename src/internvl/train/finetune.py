@@ -147,8 +147,18 @@ class InternVLTrainer(Trainer):
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(run_dir, ".staging", name), target)
-            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            self._rotate(run_dir)
         self.accelerator.wait_for_everyone()
+
+    def _rotate(self, run_dir: str) -> None:
+        """Delete checkpoints beyond save_total_limit (transformers moved this helper in 5.2x)."""
+        if hasattr(self, "_rotate_checkpoints"):
+            self._rotate_checkpoints(use_mtime=False, output_dir=run_dir)
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = self.accelerator.unwrap_model(model or self.model)

@@ -1,0 +1,90 @@
+"""`internvl-lora finetune`, `merge --adapter` and `chat` as real subprocesses on a tiny model and dataset."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from internvl.model.internvl_chat import InternVLChatModel
+from internvl.synthetic import write_dataset, write_meta
+from tests.builders import build_model
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "internvl.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from internvl.tiny import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("finetune")
+    tokenizer = tiny_tokenizer()
+    base = root / "base"
+    build_model("Qwen2ForCausalLM", template="internvl2_5").save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    data = write_dataset(root / "data", "shapes", ("colour", "french"), 24, 56, seed=0)
+    meta = write_meta(root / "meta.json", {"shapes": data})
+    out = root / "run"
+    result = cli(
+        "finetune", "--model_name_or_path", str(base), "--meta_path", str(meta), "--conv_style", "internvl2_5",
+        "--force_image_size", "56", "--max_dynamic_patch", "1", "--dynamic_image_size", "True",
+        "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
+        "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, base, out, data
+
+
+def test_finetune_writes_standard_peft_adapters_tokenizer_manifest_and_loss_curve(trained):
+    _, base, out, _ = trained
+    for folder in (out, out / "checkpoint-2", out / "checkpoint-4"):
+        assert (folder / "llm_adapter" / "adapter_config.json").is_file(), folder
+        assert (folder / "llm_adapter" / "adapter_model.safetensors").is_file(), folder
+        assert (folder / "tokenizer.json").is_file(), folder
+    assert not list(out.glob(".staging/*"))
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["base_model"] == str(base) and manifest["lora"]["language_model"]["r"] == 4
+    # Plain PEFT loads the adapter onto the base language model.
+    llm = InternVLChatModel.from_pretrained(base).language_model
+    adapted = PeftModel.from_pretrained(llm, out / "llm_adapter")
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
+
+
+def test_merged_model_and_base_plus_adapter_give_the_same_answer(trained):
+    root, base, out, data = trained
+    image = next((data.parent / "images").glob("*.png"))
+    merged = root / "merged"
+    result = cli("merge", str(base), str(merged), "--adapter", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((merged / "config.json").read_text())["use_llm_lora"] == 0
+    question = "What colour is the shape?"
+    from_adapter = cli("chat", str(base), question, "--adapter", str(out), "--image", str(image), "--max-new-tokens", "6")
+    from_merged = cli("chat", str(merged), question, "--image", str(image), "--max-new-tokens", "6")
+    assert from_adapter.returncode == 0 and from_merged.returncode == 0, from_adapter.stderr[-2000:]
+    assert from_adapter.stdout == from_merged.stdout
+
+
+def test_an_adapter_on_another_base_model_is_refused(trained, tmp_path):
+    _, _, out, _ = trained
+    other = tmp_path / "other"
+    build_model("Qwen2ForCausalLM", template="internvl2_5", downsample_ratio=0.25).save_pretrained(other)
+    result = cli("merge", str(other), str(tmp_path / "merged"), "--adapter", str(out))
+    assert result.returncode == 2
+    assert "config hash" in result.stderr and "--force_base_model" in result.stderr
+
+
+def test_bad_arguments_give_clear_errors(tmp_path):
+    result = cli("finetune", "--model_name_or_path", str(tmp_path / "missing"), "--meta_path", "m.json",
+                 "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and "missing: no config.json" in result.stderr
+    result = cli("finetune", "--no_such_option", "1", "--output_dir", str(tmp_path / "o"))
+    assert result.returncode == 2 and "--no_such_option" in result.stderr
