@@ -88,3 +88,56 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert result.returncode == 2 and "missing: no config.json" in result.stderr
     result = cli("finetune", "--no_such_option", "1", "--output_dir", str(tmp_path / "o"))
     assert result.returncode == 2 and "--no_such_option" in result.stderr
+
+
+def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
+    root, base, _, _ = trained
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "internvl.cli", "finetune",
+         "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style", "internvl2_5",
+         "--force_image_size", "56", "--max_dynamic_patch", "1", "--freeze_llm", "True", "--freeze_backbone", "True",
+         "--freeze_mlp", "True", "--use_llm_lora", "4", "--max_steps", "3", "--per_device_train_batch_size", "2",
+         "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "ranks hold identical trainable weights" in line]
+    assert sorted(line.split(":")[0] for line in lines) == ["rank 0", "rank 1"]
+    assert len({line.split("sha256 ")[1] for line in lines}) == 1
+    assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(trained, tmp_path):
+    import os
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    root, base, _, _ = trained
+    args = ["finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"),
+            "--conv_style", "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1",
+            "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
+            "--max_steps", "60", "--save_steps", "5", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
+            "--report_to", "none", "--use_cpu", "True", "--seed", "7", "--dataloader_num_workers", "0"]
+    whole = cli(*args, "--output_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "internvl.cli", *args, "--output_dir", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-5").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (killed / "llm_adapter").exists(), "the run finished before it could be killed"
+    resumed = cli(*args, "--output_dir", str(killed), "--resume_from_checkpoint", str(killed / "checkpoint-5"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected = load_file(tmp_path / "whole" / "llm_adapter" / "adapter_model.safetensors")
+    actual = load_file(killed / "llm_adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key

@@ -7,6 +7,7 @@ This module decides only what the official recipe decides, fixes its known bugs,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -167,6 +168,29 @@ class InternVLTrainer(Trainer):
         outputs.load_outputs_into(model, resume_from_checkpoint)
 
 
+def trainable_digest(model: torch.nn.Module) -> str:
+    """A SHA-256 of every trainable weight's bytes: equal digests mean identical adapters."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_ranks_agree(model: torch.nn.Module) -> str:
+    """Compare the trainable weights of every process of a distributed run; raise if any rank diverged."""
+    digest = trainable_digest(model)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        digests = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks ended with different trainable weights (digests per rank: {digests})")
+        print(f"rank {torch.distributed.get_rank()}: all {len(digests)} ranks hold identical trainable weights "
+              f"(sha256 {digest})")
+    return digest
+
+
 @dataclass
 class FinetuneResult:
     """What a fine-tune produced: the output folder, the loss history and the trainable counts."""
@@ -223,6 +247,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         force_base_model=model_args.force_base_model,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    check_ranks_agree(model)
     trainer.save_model(training_args.output_dir)
     if hasattr(train_dataset, "skip_report"):
         train_dataset.skip_report()
