@@ -74,6 +74,10 @@ def _read_config_file(path: str) -> dict:
 
 def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse `argv` (and the `--config FILE` it may name) into the three argument dataclasses."""
+    if "warmup_ratio" not in TrainingArguments.__dataclass_fields__:
+        # transformers 5.2x folded --warmup_ratio into --warmup_steps (a float below 1 is a ratio); official
+        # scripts still pass --warmup_ratio.
+        argv = ["--warmup_steps" if arg == "--warmup_ratio" else arg for arg in argv]
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     parser.add_argument("--config", default=None, help="YAML or JSON file with any of these options")
     if "--config" in argv:
