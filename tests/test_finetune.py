@@ -141,3 +141,18 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(traine
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_a_yaml_config_file_holds_the_same_keys_and_flags_override_it(tmp_path):
+    from internvl.train.args import parse_finetune_args
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("use_llm_lora: 16\nconv_style: internvl2_5\nlearning_rate: 4.0e-5\nfreeze_llm: true\n")
+    model_args, data_args, training_args = parse_finetune_args(
+        ["--config", str(config), "--learning_rate", "1e-4", "--warmup_ratio", "0.03", "--output_dir", str(tmp_path)]
+    )
+    assert (model_args.use_llm_lora, model_args.freeze_llm, data_args.conv_style) == (16, True, "internvl2_5")
+    assert training_args.learning_rate == 1e-4
+    config.write_text("use_llm_lora: 16\nno_such_key: 1\n")
+    with pytest.raises(ValueError, match="unknown option.*no_such_key"):
+        parse_finetune_args(["--config", str(config)])
