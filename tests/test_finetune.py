@@ -156,3 +156,19 @@ def test_a_yaml_config_file_holds_the_same_keys_and_flags_override_it(tmp_path):
     config.write_text("use_llm_lora: 16\nno_such_key: 1\n")
     with pytest.raises(ValueError, match="unknown option.*no_such_key"):
         parse_finetune_args(["--config", str(config)])
+
+
+def test_unfreeze_lm_head_really_trains_the_head_and_the_adapter_carries_it(tokenizer):
+    from internvl.train.args import DataArguments, ModelArguments
+    from internvl.train.finetune import prepare_model
+
+    model = build_model("InternLM2ForCausalLM", template="internvl2_5")
+    prepare_model(
+        model, tokenizer,
+        ModelArguments(freeze_llm=True, freeze_backbone=True, freeze_mlp=True, use_llm_lora=4, unfreeze_lm_head=True),
+        DataArguments(conv_style="internvl2_5", force_image_size=56),
+    )
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("output.modules_to_save" in n for n in trainable)  # InternLM2's head is `output`
+    assert all("lora_" in n or "output.modules_to_save" in n for n in trainable)
+    assert model.language_model.peft_config["default"].modules_to_save == ["output"]
