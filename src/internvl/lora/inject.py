@@ -68,9 +68,9 @@ def add_lora(
     `peft_options` go to `peft.LoraConfig` unchanged (`use_dora`, `use_rslora`, `init_lora_weights`, ...).
     """
     if isinstance(module, PeftModel):
-        rank = next(iter(module.peft_config.values())).r
         raise ValueError(
-            f"{type(module.get_base_model()).__name__} already carries LoRA adapters (r={rank}); wrapping again "
+            f"{type(module.get_base_model()).__name__} already carries LoRA adapters (r={lora_rank(module)}); "
+            "wrapping again "
             "would nest them. Merge them first (`internvl-lora merge`) or start from the base checkpoint."
         )
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
