@@ -4,17 +4,21 @@ One command on a CUDA machine, no download: each model is built with random bf16
 (or `--layers N` of them), wrapped in PEFT LoRA (r 16, alpha 32, dropout 0.05, the arch table's targets), and
 trained on one random batch of `--seq` tokens:
 
-    python bench/bench_lora_step.py                 # InternLM2.5-7B and Qwen2.5-7B shapes, 32 / 28 layers
-    python bench/bench_lora_step.py --layers 4      # quick check
+    python bench/bench_lora_step.py --no-checkpointing --vlm   # the README's table
+    python bench/bench_lora_step.py --layers 4                 # quick check
 
 Configurations, per model, in one run on the same weights:
 - `peft`: HF + PEFT, gradient checkpointing on every layer (the official recipe).
 - `fast`: `enable_fast_lora` plus `fit_checkpointing` within the `peft` configuration's peak memory.
+- `fast, no ckpt` (`--no-checkpointing`): the fused path with every activation kept, whatever the memory.
+`--vlm` adds the whole InternVL2.5-8B step of the official LoRA recipe (InternViT-300M and projector frozen, LoRA
+on the LLM): 7 tiles of 448 px (1,792 image tokens) in a `--seq`-token sample.
 A step is forward + backward + AdamW on the LoRA parameters; the figure is the median of `--steps` timed steps
 after `--warmup`. Before timing, one step of each with dropout off gives the relative difference of the loss and
 of every LoRA gradient (the largest ||g - g_peft|| / ||g_peft|| over the LoRA tensors).
-TFLOP/s counts useful work only: 4 * params * tokens for the linear layers (forward, and the input gradient;
-frozen weights get none) plus 6 * tokens^2 * width per layer for causal attention; no recompute.
+TFLOP/s counts useful work only: 4 * params * tokens for the LLM's linear layers (forward, and the input
+gradient; frozen weights get none) plus 6 * tokens^2 * width per layer for causal attention, plus 2 * params
+* tokens for the ViT's forward in the VLM step; no recompute.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from internvl.archs import llm_arch, resolve
+from internvl.model.chat_config import InternVLChatConfig
+from internvl.model.internvl_chat import InternVLChatModel
+from internvl.zoo import official_config
 from internvl.lora.fused import checkpointable_layers, enable_fast_lora, fit_checkpointing, set_checkpointed_layers
 
 SHAPES = {
@@ -44,30 +51,47 @@ SHAPES = {
 GiB = 2**30
 
 
-def build(arch: str, layers: int | None, dtype: torch.dtype, seed: int = 0) -> tuple[nn.Module, str]:
-    """A PEFT-wrapped LLM with random weights on the GPU, and the class it was built from."""
+def build(arch: str, layers: int | None, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """A PEFT-wrapped LLM with random weights on the GPU, checkpointing on, in training mode."""
     row, shape = llm_arch(arch), dict(SHAPES[arch])
     if layers:
         shape["num_hidden_layers"] = layers
-    try:
-        model_class, config_class, targets = resolve(row.model_class), resolve(row.config_class), row.lora_targets
-    except (ImportError, AttributeError):  # InternLM2 still being written: the same shapes as a LLaMA
-        stand_in = llm_arch("LlamaForCausalLM")
-        model_class, config_class, targets = (
-            resolve(stand_in.model_class), resolve(stand_in.config_class), stand_in.lora_targets)
-        shape.pop("bias", None)
-    config = config_class(**shape, attn_implementation="sdpa", use_cache=False)
+    config = resolve(row.config_class)(**shape, attn_implementation="sdpa", use_cache=False)
     torch.manual_seed(seed)
     with torch.device("cuda"):
-        llm = model_class._from_config(config, dtype=dtype)
-    model = get_peft_model(llm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(targets),
+        llm = resolve(row.model_class)._from_config(config, dtype=dtype)
+    model = get_peft_model(llm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(row.lora_targets),
                                            task_type="CAUSAL_LM"))
-    for name, param in model.named_parameters():  # a trained-looking B, so every gradient is non-zero
-        if "lora_B" in name:
-            nn.init.normal_(param, std=0.01)
+    randomize_lora_b(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    return model.train(), model_class.__name__
+    return model.train()
+
+
+def randomize_lora_b(model: nn.Module) -> None:
+    """A trained-looking B (PEFT starts it at zero), so every gradient is non-zero."""
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.01)
+
+
+def build_vlm(layers: int | None, dtype: torch.dtype, seed: int = 0) -> InternVLChatModel:
+    """InternVL2.5-8B with random weights, set up as the official LoRA recipe: ViT and projector frozen, the LLM
+    frozen and wrapped with LoRA r 16 / alpha 32 / dropout 0.05, gradient checkpointing on."""
+    config = official_config("InternVL2_5-8B")
+    config["llm_config"].update(attn_implementation="sdpa", use_cache=False)
+    if layers:
+        config["llm_config"]["num_hidden_layers"] = layers
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = InternVLChatModel._from_config(InternVLChatConfig(**config), dtype=dtype)
+    model.img_context_token_id = 92546  # <IMG_CONTEXT> in InternVL2.5-8B's tokenizer
+    model.requires_grad_(False)
+    model.wrap_llm_lora(r=16, lora_alpha=32, lora_dropout=0.05)
+    randomize_lora_b(model.language_model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.language_model.enable_input_require_grads()
+    return model.train()
 
 
 def step_fn(model, batch):
@@ -86,6 +110,7 @@ def grads_without_dropout(model, batch):
         m.eval()
     loss = step_fn(model, batch)().detach().float()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads, "no LoRA gradients"
     model.zero_grad(set_to_none=True)
     for m in dropouts:
         m.train()
@@ -136,61 +161,91 @@ def profile(model, batch) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90))
 
 
-def useful_flops(model, tokens: int) -> float:
-    config = model.get_base_model().config
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return 4 * linear * tokens + 6 * tokens**2 * config.hidden_size * config.num_hidden_layers
+VLM = "InternVL2_5-8B"
+TILES = 7
 
 
-def run(arch: str, args) -> list[dict]:
-    model, built_from = build(arch, args.layers, getattr(torch, args.dtype))
-    vocab = model.get_base_model().config.vocab_size
+def useful_flops(llm: nn.Module, tokens: int, vision: nn.Module | None = None) -> float:
+    config = llm.get_base_model().config
+    linear = sum(m.weight.numel() for m in llm.modules() if isinstance(m, nn.Linear))
+    flops = 4 * linear * tokens + 6 * tokens**2 * config.hidden_size * config.num_hidden_layers
+    if vision is not None:  # frozen and without gradients: forward only, 1,025 tokens a tile
+        flops += 2 * sum(p.numel() for p in vision.parameters()) * TILES * 1025
+    return flops
+
+
+def text_batch(vocab: int, seq: int) -> dict:
     generator = torch.Generator(device="cuda").manual_seed(0)
-    input_ids = torch.randint(vocab, (1, args.seq), device="cuda", generator=generator)
-    batch = dict(input_ids=input_ids, labels=input_ids.clone())
-    tokens, flops = input_ids.numel(), useful_flops(model, input_ids.numel())
+    input_ids = torch.randint(vocab, (1, seq), device="cuda", generator=generator)
+    return dict(input_ids=input_ids, labels=input_ids.clone())
+
+
+def vlm_batch(model: InternVLChatModel, seq: int, dtype: torch.dtype) -> dict:
+    """One sample as the data pipeline makes it: 7 tiles' image tokens after a short prompt, loss on the rest."""
+    batch = text_batch(model.img_context_token_id, seq)  # random text ids below <IMG_CONTEXT>
+    image_tokens = TILES * model.num_image_token
+    batch["input_ids"][0, 16 : 16 + image_tokens] = model.img_context_token_id
+    batch["labels"][0, : 16 + image_tokens] = -100
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    size = model.config.force_image_size or model.config.vision_config.image_size
+    batch["pixel_values"] = torch.randn(TILES, 3, size, size, device="cuda", generator=generator, dtype=dtype)
+    batch["image_flags"] = torch.ones(TILES, dtype=torch.long, device="cuda")
+    return batch
+
+
+def run(name: str, args) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    if name == VLM:
+        model = build_vlm(args.layers, dtype)
+        llm, batch = model.language_model, vlm_batch(model, args.seq, dtype)
+        flops = useful_flops(llm, args.seq, model.vision_model)
+    else:
+        model = llm = build(name, args.layers, dtype)
+        batch = text_batch(llm.get_base_model().config.vocab_size, args.seq)
+        flops = useful_flops(llm, args.seq)
 
     ref_loss, ref_grads = grads_without_dropout(model, batch)
-    handle = enable_fast_lora(model)
-    loss, grads = grads_without_dropout(model, batch)
-    handle.restore()
+    with enable_fast_lora(llm):
+        loss, grads = grads_without_dropout(model, batch)
     loss_diff = (abs(loss - ref_loss) / abs(ref_loss)).item()
-    grad_diff = report_diffs(f"{arch}: fast vs peft", loss, grads, ref_loss, ref_grads)
+    grad_diff = report_diffs(f"{name}: fast vs peft", loss, grads, ref_loss, ref_grads)
     if args.fp32_reference:  # how far each bf16 run is from the same step in float32: bf16's own noise
         model32 = copy.deepcopy(model).float()
         loss32, grads32 = grads_without_dropout(model32, batch)
         del model32
-        report_diffs(f"{arch}: peft bf16 vs fp32", ref_loss, ref_grads, loss32, grads32)
-        report_diffs(f"{arch}: fast bf16 vs fp32", loss, grads, loss32, grads32)
+        report_diffs(f"{name}: peft bf16 vs fp32", ref_loss, ref_grads, loss32, grads32)
+        report_diffs(f"{name}: fast bf16 vs fp32", loss, grads, loss32, grads32)
         del grads32
     del ref_grads, grads
 
     rows = []
     seconds, peak = time_steps(model, batch, args.warmup, args.steps)
-    rows.append(dict(config="peft", seconds=seconds, peak=peak, uncheckpointed=0))
+    rows.append(dict(config="peft", seconds=seconds, peak=peak, plan="every layer checkpointed"))
     # fit_checkpointing steps without the optimizer: leave room for AdamW's two moments of every LoRA weight.
     adam_bytes = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     budget = int(peak * GiB) - adam_bytes
 
-    handle = enable_fast_lora(model)
+    handle = enable_fast_lora(llm)
     t0 = time.perf_counter()
-    uncheckpointed = fit_checkpointing(model, step_fn(model, batch), budget)
+    plan = fit_checkpointing(llm, step_fn(model, batch), budget)
     fit_s = time.perf_counter() - t0
+    print(f"{name}: fit_checkpointing chose {plan} in {fit_s:.1f} s", flush=True)
     if args.profile:
         profile(model, batch)
     seconds, peak = time_steps(model, batch, args.warmup, args.steps)
-    rows.append(dict(config="fast", seconds=seconds, peak=peak, uncheckpointed=uncheckpointed,
-                     loss_diff=loss_diff, grad_diff=grad_diff, fit_s=fit_s))
+    rows.append(dict(config="fast", seconds=seconds, peak=peak, plan=f"{plan.keep} kept, {plan.recompute_mlp} MLP",
+                     loss_diff=loss_diff, grad_diff=grad_diff))
     if args.no_checkpointing:
-        set_checkpointed_layers(model, len(checkpointable_layers(model)))
+        set_checkpointed_layers(llm, keep=len(checkpointable_layers(llm)))
         seconds, peak = time_steps(model, batch, args.warmup, args.steps)
-        rows.append(dict(config="fast, no ckpt", seconds=seconds, peak=peak, uncheckpointed=-1))
+        rows.append(dict(config="fast, no ckpt", seconds=seconds, peak=peak, plan="every layer kept"))
     handle.restore()
-    layers = model.get_base_model().config.num_hidden_layers
+    layers = llm.get_base_model().config.num_hidden_layers
+    label = f"{name} (InternLM2 LLM + InternViT-300M)" if name == VLM else name
     for row in rows:
-        row.update(model=f"{arch} ({built_from}, {layers} layers, seq {args.seq})", tokens_s=tokens / row["seconds"],
+        row.update(model=f"{label}, {layers} layers, seq {args.seq}", tokens_s=args.seq / row["seconds"],
                    tflops=flops / row["seconds"] / 1e12, speedup=rows[0]["seconds"] / row["seconds"])
-    del model, handle
+    del model, llm, handle
     torch.cuda.empty_cache()
     return rows
 
@@ -198,6 +253,7 @@ def run(arch: str, args) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--vlm", action="store_true", help="also time the whole InternVL2.5-8B step")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the full model)")
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--warmup", type=int, default=3)
@@ -212,13 +268,13 @@ def main() -> None:
 
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}", flush=True)
-    rows = [row for arch in args.arch for row in run(arch, args)]
-    print(f"\n{'model':<58} {'config':<14} {'s/step':>7} {'tok/s':>7} {'TFLOP/s':>7} {'peak GiB':>8} "
-          f"{'x peft':>6} {'no-ckpt':>7} {'loss rel':>9} {'grad rel':>9}")
+    rows = [row for name in args.arch + [VLM] * args.vlm for row in run(name, args)]
+    print(f"\n{'model':<62} {'config':<14} {'s/step':>7} {'tok/s':>7} {'TFLOP/s':>7} {'peak GiB':>8} "
+          f"{'x peft':>6} {'layers':<22} {'loss rel':>9} {'grad rel':>9}")
     for r in rows:
         diffs = f"{r['loss_diff']:9.2e} {r['grad_diff']:9.2e}" if "loss_diff" in r else ""
-        print(f"{r['model']:<58} {r['config']:<14} {r['seconds']:7.3f} {r['tokens_s']:7.0f} {r['tflops']:7.1f} "
-              f"{r['peak']:8.2f} {r['speedup']:6.2f} {r['uncheckpointed']:7d} {diffs}")
+        print(f"{r['model']:<62} {r['config']:<14} {r['seconds']:7.3f} {r['tokens_s']:7.0f} {r['tflops']:7.1f} "
+              f"{r['peak']:8.2f} {r['speedup']:6.2f} {r['plan']:<22} {diffs}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -12,13 +13,17 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from internvl.archs import llm_arch, resolve
 from internvl.lora.fused import (
+    CheckpointPlan,
+    GatedLoraA,
     LinearLoraB,
     LoraLinears,
     Projection,
     RMSNormFunction,
-    SwiGLULoraA,
+    RotaryFunction,
+    apply_rotary_pos_emb,
     dropout_mask,
     enable_fast_lora,
+    fit_checkpointing,
     linear_cross_entropy,
     maybe_enable_fast_lora,
     set_checkpointed_layers,
@@ -124,33 +129,56 @@ def test_grouped_lora_linears_match_peft_with_the_same_dropout_masks(device):
         torch.testing.assert_close(grad, ref_grads[name], **TIGHT)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_gated_down_projection_matches_silu_product_through_peft(device):
+def test_gated_mlp_matches_peft_with_the_same_dropout_masks(device, recompute):
     torch.manual_seed(1)
-    down = get_peft_model(nn.Sequential(nn.Linear(24, 16, bias=False)),
-                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["0"]))
-    randomize_lora(down)
-    down.to(device)
-    layer = down.base_model.model[0]
-    gate = torch.randn(2, 7, 24, device=device, requires_grad=True)
-    up = torch.randn(2, 7, 24, device=device, requires_grad=True)
-    layer.lora_dropout["default"] = FixedMask(dropout_mask(torch.empty(14, 24, device=device), 0.2, 5), 0.2)
+    names = ("gate", "up", "down")
+    mlp = nn.ModuleDict({"gate": nn.Linear(16, 24), "up": nn.Linear(16, 24, bias=False),
+                         "down": nn.Linear(24, 16, bias=False)})
+    peft = get_peft_model(mlp, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=list(names)))
+    randomize_lora(peft)
+    peft.to(device)
+    layers = [peft.base_model.model[name] for name in names]
+    x = torch.randn(2, 7, 16, device=device, requires_grad=True)
+    seeds = (5, 6, 7)
+    for layer, seed, width in zip(layers, seeds, (16, 16, 24)):
+        layer.lora_dropout["default"] = FixedMask(dropout_mask(torch.empty(14, width, device=device), 0.2, seed), 0.2)
     weight = torch.randn(2, 7, 16, device=device)
 
-    (weight * layer(nn.functional.silu(gate) * up)).sum().backward()
-    ref = (gate.grad.clone(), up.grad.clone(), lora_grads(down))
-    gate.grad = up.grad = None
-    down.zero_grad()
+    gate, up, down = layers
+    (weight * down(nn.functional.silu(gate(x)) * up(x))).sum().backward()
+    ref_dx, ref_grads = x.grad.clone(), lora_grads(peft)
+    x.grad = None
+    peft.zero_grad()
 
-    proj = Projection(layer.base_layer.weight, None, layer.scaling["default"], 0.2)
-    act, h = SwiGLULoraA.apply(gate, up, proj, 5, layer.lora_A["default"].weight)
-    out = LinearLoraB.apply(act, h, proj, layer.lora_B["default"].weight)
+    projections = tuple(Projection(l.base_layer.weight, l.base_layer.bias, l.scaling["default"], 0.2) for l in layers)
+    lora = [gate.lora_A["default"].weight, gate.lora_B["default"].weight, up.lora_A["default"].weight,
+            up.lora_B["default"].weight, down.lora_A["default"].weight]
+    act, h = GatedLoraA.apply(x, projections, seeds, recompute, *lora)
+    out = LinearLoraB.apply(act, h, projections[2], down.lora_B["default"].weight)
     (weight * out).sum().backward()
 
-    torch.testing.assert_close(gate.grad, ref[0], **TIGHT)
-    torch.testing.assert_close(up.grad, ref[1], **TIGHT)
-    for name, grad in lora_grads(down).items():
-        torch.testing.assert_close(grad, ref[2][name], **TIGHT)
+    torch.testing.assert_close(x.grad, ref_dx, **TIGHT)
+    for name, grad in lora_grads(peft).items():
+        torch.testing.assert_close(grad, ref_grads[name], **TIGHT, msg=name)
+
+
+def test_rotary_matches_transformers_formula_forward_and_backward():
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb as reference
+
+    q = torch.randn(2, 4, 6, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 6, 8, dtype=torch.float64, requires_grad=True)
+    angles = torch.randn(2, 6, 8, dtype=torch.float64)
+    cos, sin = angles.cos(), angles.sin()
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    ref = reference(q, k, cos, sin)
+    ref_grads = torch.autograd.grad(ref, (q, k), (dq, dk))
+    out = apply_rotary_pos_emb(q, k, cos, sin)
+    grads = torch.autograd.grad(out, (q, k), (dq, dk))
+    for a, b in zip(out + grads, ref + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(RotaryFunction.apply, (q, cos[:, None], sin[:, None]))
 
 
 def test_rms_norm_matches_transformers():
@@ -168,16 +196,19 @@ def test_rms_norm_matches_transformers():
     torch.testing.assert_close(dx, ref_dx)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [50, 48])  # 50: the head is split into 48 aligned rows and a tail of 2
 @pytest.mark.parametrize("num_items", [None, 9])
-def test_chunked_linear_cross_entropy_matches_full_logits(num_items):
-    hidden = torch.randn(2, 10, 16, requires_grad=True)
-    head = torch.randn(50, 16)
-    labels = torch.randint(50, (2, 10))
+def test_chunked_linear_cross_entropy_matches_full_logits(num_items, vocab, device):
+    hidden = torch.randn(2, 10, 16, device=device, requires_grad=True)
+    head = torch.randn(vocab, 16, device=device)
+    labels = torch.randint(vocab, (2, 10), device=device)
     labels[1, :4] = -100
+    labels[0, 3] = vocab - 1  # a target in the tail
     targets = nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     logits = hidden @ head.t()
     reduction = "mean" if num_items is None else "sum"
-    ref = nn.functional.cross_entropy(logits.reshape(-1, 50), targets.reshape(-1), reduction=reduction)
+    ref = nn.functional.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1), reduction=reduction)
     ref = ref if num_items is None else ref / num_items
     (ref_grad,) = torch.autograd.grad(ref, hidden)
 
@@ -202,6 +233,7 @@ def test_whole_llm_loss_and_lora_grads_match_peft(arch):
         assert handle.counts["gated_mlps"] == LAYERS
         assert handle.counts["rms_norms"] >= 2 * LAYERS + 1  # Qwen3 adds q_norm and k_norm
         assert handle.counts["fused_loss"] == 1
+        assert handle.counts["rotary"] == 1
         out = model(input_ids=input_ids, labels=labels)
         out.loss.backward()
     assert out.logits is None  # the point of the fused loss
@@ -224,21 +256,73 @@ def test_restore_puts_peft_back_and_adapter_format_is_unchanged(tmp_path):
     assert model(input_ids=input_ids, labels=labels).logits is not None
 
 
-def test_dropout_masks_are_redrawn_identically_under_gradient_checkpointing():
+@pytest.mark.parametrize("plan", [CheckpointPlan(keep=1), CheckpointPlan(recompute_mlp=1),
+                                  CheckpointPlan(keep=1, recompute_mlp=1), CheckpointPlan(recompute_mlp=2)])
+def test_every_checkpoint_plan_gives_the_same_gradients_with_dropout(plan):
     input_ids, labels = batch()
     grads = []
     for checkpointed in (False, True):
         model = tiny_peft_llm("Qwen2ForCausalLM", dropout=0.3)
+        enable_fast_lora(model)
         if checkpointed:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            set_checkpointed_layers(model, 1)  # one layer checkpointed, one not
-        enable_fast_lora(model)
+            set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
         torch.manual_seed(3)
         model(input_ids=input_ids, labels=labels).loss.backward()
         grads.append(lora_grads(model))
     for name, grad in grads[1].items():
         torch.testing.assert_close(grad, grads[0][name], **TIGHT, msg=name)
     assert any(g.abs().sum() > 0 for g in grads[0].values())
+
+
+def test_mlp_recompute_runs_gate_and_up_again_and_checkpointing_runs_the_whole_layer(monkeypatch):
+    model = tiny_peft_llm("Qwen2ForCausalLM")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_fast_lora(model)
+    names = {id(m.base_layer.weight): n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "base_layer")}
+    calls = []
+    linear = nn.functional.linear
+
+    def counting_linear(x, weight, bias=None):
+        calls.append(names.get(id(weight)))
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(nn.functional, "linear", counting_linear)
+    runs = {}
+    for plan in (CheckpointPlan(keep=2), CheckpointPlan(recompute_mlp=2), CheckpointPlan()):
+        set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
+        calls.clear()
+        model(input_ids=batch()[0], labels=batch()[1]).loss.backward()
+        runs[plan] = {name: calls.count(name) for name in set(calls) - {None}}
+    assert set(runs[CheckpointPlan(keep=2)].values()) == {LAYERS}  # each projection once per layer
+    assert runs[CheckpointPlan(recompute_mlp=2)] == {**runs[CheckpointPlan(keep=2)], "gate_proj": 2 * LAYERS,
+                                                     "up_proj": 2 * LAYERS}
+    assert runs[CheckpointPlan()] == {name: LAYERS if name == "down_proj" else 2 * LAYERS
+                                      for name in runs[CheckpointPlan(keep=2)]}
+
+
+def test_fit_checkpointing_fills_the_budget_with_the_cheapest_recompute_first(monkeypatch):
+    """fit_checkpointing's choices, on measured peaks that a stand-in for the CUDA allocator reports."""
+    layers = 6
+    model = tiny_peft_llm("Qwen2ForCausalLM")
+    for _ in range(layers - LAYERS):
+        model.get_base_model().model.layers.append(copy.deepcopy(model.get_base_model().model.layers[-1]))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # a checkpointed layer holds 1 unit, an MLP-recomputed one 4, a kept one 10, on top of 100 units of weights
+    def memory(plan_layers):
+        flags = [(l.gradient_checkpointing, getattr(l.mlp, "fast_lora_recompute_gate_up")) for l in plan_layers]
+        return 100 + sum(1 if ckpt else 4 if recompute else 10 for ckpt, recompute in flags)
+
+    layer_list = model.get_base_model().model.layers
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: memory(layer_list))
+    steps = []
+    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=100 + 6 * 4) == CheckpointPlan(0, 6)
+    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=100 + 6 + 3 * 3) == CheckpointPlan(0, 3)
+    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=100 + 4 * 4 + 2 * 10) == CheckpointPlan(2, 4)
+    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=10**9) == CheckpointPlan(6, 0)
+    assert [l.gradient_checkpointing for l in layer_list] == [False] * 6
 
 
 def test_unsupported_configurations_are_refused_with_the_reason():

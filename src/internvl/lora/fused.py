@@ -12,7 +12,8 @@ read the same `lora_A` / `lora_B` parameters:
 - a gated MLP (`down(silu(gate(x)) * up(x))`) runs gate and up as one node and recomputes `silu(g) * u` in
   backward, so the [tokens, intermediate] product is never stored, and a checkpointed layer's recompute stops
   before the down projection's GEMM;
-- RMSNorm saves only its input and the per-row scale;
+- RMSNorm saves only its input and the per-row scale; rotary embedding is one kernel each way, saving nothing
+  but cos and sin;
 - with `labels`, the loss is computed in chunks of tokens straight from the last hidden state, so the
   [tokens, vocab] logits never exist in full (the output has `logits=None`).
 
@@ -21,7 +22,8 @@ puts PEFT's forwards back. Dropout keeps PEFT's semantics (an independent mask p
 input only); the masks come from seeds drawn from the CPU generator, which gradient checkpointing restores, so
 a recomputed layer redraws the same masks.
 
-`fit_checkpointing` picks how many decoder layers to leave un-checkpointed within a memory budget.
+`fit_checkpointing` picks, within a memory budget, which decoder layers keep their activations, which keep all
+but their MLP's two widest tensors (recomputed by two GEMMs in backward) and which are checkpointed.
 
     model = add_lora(llm, ...)                      # a PeftModel, as for the plain path
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -36,7 +38,9 @@ Measured figures (one H200, InternVL2.5-8B's and InternVL3-8B's LLMs): bench/REA
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,17 @@ logger = logging.getLogger(__name__)
 # Child names of gated MLPs, (gate, up, down): LLaMA-style (LLaMA, Qwen2/3, Phi3's split variants) and InternLM2.
 GATED_MLP_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 IGNORE_INDEX = -100
+# Modeling modules whose `apply_rotary_pos_emb(q, k, cos, sin, ...)` is the plain full-width rotation (Phi3's
+# rotates part of the head, GPT-OSS's pairs channels differently: theirs are left alone).
+STANDARD_ROTARY_MODULES = frozenset({
+    "internvl.model.internlm2",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.qwen3.modeling_qwen3",
+    "transformers.models.qwen3_moe.modeling_qwen3_moe",
+})
+# Set on a fused gated MLP to save memory: its backward recomputes the gate and up outputs (see GatedLoraA).
+RECOMPUTE_GATE_UP = "fast_lora_recompute_gate_up"
 
 
 # ----- elementwise pieces ---------------------------------------------------------------------------------
@@ -80,6 +95,17 @@ def _swiglu_backward(dact, gate, up):
     dup = dact32 * gate32 * sig
     dgate = dact32 * up.float() * sig * (1 + gate32 * (1 - sig))
     return dgate.to(gate.dtype), dup.to(up.dtype)
+
+
+def _rotary_forward(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _rotary_backward(dy, cos, sin):
+    # The transpose of x -> rotate_half(x) * sin is z -> (z2, -z1) of z = dy * sin.
+    z1, z2 = (dy * sin).chunk(2, dim=-1)
+    return dy * cos + torch.cat((z2, -z1), dim=-1)
 
 
 _compiled: dict = {}
@@ -192,41 +218,67 @@ class LoraLinears(torch.autograd.Function):
         return dx, None, None, *lora_grads
 
 
-class SwiGLULoraA(torch.autograd.Function):
-    """`act = silu(gate) * up` and its LoRA-A product `h = drop(act) A^T / (1 - p)`, storing gate and up only.
+class GatedLoraA(torch.autograd.Function):
+    """A gated MLP up to its down projection: `act = silu(gate(x)) * up(x)`, gate and up LoRA linears, and the
+    down projection's LoRA-A product `h = drop(act) A^T / (1 - p)`. Returns (act, h) for `LinearLoraB`.
 
-    Arguments: gate, up, the down `Projection`, its dropout seed, A. Returns (act, h) for `LinearLoraB`. This
-    node is the last one of a decoder layer to save tensors, so a checkpointed layer's recompute stops here
-    (torch stops as soon as every saved tensor is back) and never repeats the down projection's GEMM.
+    Arguments: x, the (gate, up, down) `Projection`s, their dropout seeds, `recompute`, then A_gate, B_gate,
+    A_up, B_up, A_down. Saves x, the rank-r intermediates and the gate and up outputs, which backward needs for
+    SwiGLU's gradient; with `recompute` it saves neither output (2 x [tokens, intermediate], about half of what
+    a decoder layer keeps) and backward runs the two GEMMs again from x and the saved intermediates.
+    The product `silu(gate) * up` is never saved. This is the last node of a decoder layer to save tensors, so
+    a checkpointed layer's recompute stops here (torch stops as soon as every saved tensor is back) and never
+    repeats the down projection's GEMM.
     """
 
     @staticmethod
-    def forward(ctx, gate, up, proj, seed, lora_a):
-        act = _kernel(_swiglu_forward, gate)(gate, up)
-        act2 = act.view(-1, act.shape[-1])  # [N, intermediate]
-        x_in = act2 if proj.dropout == 0.0 else _dropped(act2, proj.dropout, seed)
-        h = (x_in @ lora_a.to(act.dtype).t()).mul_(1.0 / (1.0 - proj.dropout))  # [N, r]
-        ctx.save_for_backward(gate, up, lora_a)
-        ctx.proj, ctx.seed = proj, seed
-        return act, h
+    def forward(ctx, x, projections, seeds, recompute, *lora):
+        x2 = x.reshape(-1, x.shape[-1])  # [N, hidden]
+        (gate_proj, up_proj, down_proj), (gate_seed, up_seed, down_seed) = projections, seeds
+        gate_a, gate_b, up_a, up_b, down_a = lora
+        gate, gate_h = _lora_forward(x2, gate_proj, gate_seed, gate_a, gate_b)
+        up, up_h = _lora_forward(x2, up_proj, up_seed, up_a, up_b)
+        act = _kernel(_swiglu_forward, gate)(gate, up)  # [N, intermediate]
+        x_in = act if down_proj.dropout == 0.0 else _dropped(act, down_proj.dropout, down_seed)
+        h = (x_in @ down_a.to(act.dtype).t()).mul_(1.0 / (1.0 - down_proj.dropout))  # [N, r]
+        outputs = () if recompute else (gate, up)
+        ctx.save_for_backward(x2, gate_h, up_h, *outputs, *lora)
+        ctx.projections, ctx.seeds, ctx.recompute, ctx.x_shape = projections, seeds, recompute, x.shape
+        return act.view(*x.shape[:-1], act.shape[-1]), h
 
     @staticmethod
     def backward(ctx, dact, dh):
-        gate, up, lora_a = ctx.saved_tensors
-        p = ctx.proj.dropout
-        act2 = _kernel(_swiglu_forward, gate)(gate, up).view(-1, gate.shape[-1])
+        (gate_proj, up_proj, down_proj), (gate_seed, up_seed, down_seed) = ctx.projections, ctx.seeds
+        x2, gate_h, up_h, *rest = ctx.saved_tensors
+        if ctx.recompute:
+            gate_a, gate_b, up_a, up_b, down_a = rest
+            gate = F.linear(x2, gate_proj.weight, gate_proj.bias).addmm_(
+                gate_h, gate_b.to(x2.dtype).t(), alpha=gate_proj.scale)
+            up = F.linear(x2, up_proj.weight, up_proj.bias).addmm_(up_h, up_b.to(x2.dtype).t(), alpha=up_proj.scale)
+        else:
+            gate, up, gate_a, gate_b, up_a, up_b, down_a = rest
+        p = down_proj.dropout
+        act = _kernel(_swiglu_forward, gate)(gate, up)
         dh = dh * (1.0 / (1.0 - p))
-        grad_a = dh.t() @ (act2 if p == 0.0 else _dropped(act2, p, ctx.seed))  # [r, intermediate]
-        dact_lora = dh @ lora_a.to(dh.dtype)  # [N, intermediate]
+        grad_down_a = dh.t() @ (act if p == 0.0 else _dropped(act, p, down_seed))  # [r, intermediate]
+        dact_lora = dh @ down_a.to(dh.dtype)  # [N, intermediate]
         if p:
-            _dropped(dact_lora, p, ctx.seed, out=dact_lora)
+            _dropped(dact_lora, p, down_seed, out=dact_lora)
         dact2 = dact_lora.add_(dact.view_as(dact_lora))
-        dgate, dup = _kernel(_swiglu_backward, gate)(dact2.view(gate.shape), gate, up)
-        return dgate, dup, None, None, grad_a.to(lora_a.dtype)
+        del act, dact_lora
+        dgate, dup = _kernel(_swiglu_backward, gate)(dact2, gate, up)
+        del gate, up, dact2
+        need_dx = ctx.needs_input_grad[0]
+        dx2, grad_gate_a, grad_gate_b = _lora_backward(x2, dgate, gate_h, gate_proj, gate_seed, gate_a, gate_b, None,
+                                                       need_dx)
+        dx2, grad_up_a, grad_up_b = _lora_backward(x2, dup, up_h, up_proj, up_seed, up_a, up_b, dx2, need_dx)
+        dx = None if dx2 is None else dx2.view(ctx.x_shape)
+        return (dx, None, None, None, grad_gate_a, grad_gate_b, grad_up_a, grad_up_b,
+                grad_down_a.to(down_a.dtype))
 
 
 class LinearLoraB(torch.autograd.Function):
-    """`y = x W^T + b + scale * h B^T`: the frozen base linear plus the LoRA-B product of `h` (from SwiGLULoraA).
+    """`y = x W^T + b + scale * h B^T`: the frozen base linear plus the LoRA-B product of `h` (from GatedLoraA).
 
     Arguments: x, h, the `Projection`, B. It saves nothing through autograd (h, a [N, r] tensor, and the
     parameter B are kept on ctx): a saved tensor would make checkpoint recompute run this GEMM again.
@@ -264,7 +316,48 @@ class RMSNormFunction(torch.autograd.Function):
         return _kernel(_rms_norm_backward, x)(dy, x, weight, rstd), None, None
 
 
+class RotaryFunction(torch.autograd.Function):
+    """Rotary position embedding `x * cos + rotate_half(x) * sin`, one kernel each way; saves cos and sin only."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _kernel(_rotary_forward, x)(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _kernel(_rotary_backward, dy)(dy, cos, sin), None, None
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    """transformers' (and our InternLM2's) `apply_rotary_pos_emb`, through `RotaryFunction`."""
+    cos = cos.unsqueeze(unsqueeze_dim).to(q.dtype)
+    sin = sin.unsqueeze(unsqueeze_dim).to(q.dtype)
+    return RotaryFunction.apply(q, cos, sin), RotaryFunction.apply(k, cos, sin)
+
+
 # ----- chunked linear + cross-entropy ---------------------------------------------------------------------
+
+
+def _cross_entropy_chunk(logit_parts, targets, divisor):
+    """Summed cross-entropy of logits given as column blocks, and the gradient of `sum / divisor` for each block.
+
+    The blocks stay in the GEMM's dtype; the arithmetic runs in float32 on the fly (one fused kernel on CUDA),
+    so no float32 copy of the [rows, vocab] logits is ever made.
+    """
+    parts = [part.float() for part in logit_parts]
+    row_max = torch.stack([part.amax(-1) for part in parts]).amax(0)  # [n]
+    sum_exp = sum(torch.exp(part - row_max[:, None]).sum(-1) for part in parts)
+    lse = row_max + torch.log(sum_exp)
+    target_logit, grads, start = torch.zeros_like(lse), [], 0
+    for part in parts:
+        columns = torch.arange(start, start + part.shape[1], device=part.device)
+        is_target = columns[None, :] == targets[:, None]  # [n, width]
+        target_logit = target_logit + torch.where(is_target, part, 0.0).sum(-1)
+        grads.append(((torch.exp(part - lse[:, None]) - is_target.float()) / divisor).to(logit_parts[0].dtype))
+        start += part.shape[1]
+    return (lse - target_logit).sum(), grads
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -283,21 +376,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         # A vocabulary that is no multiple of 8 (92553, 151674) gives the logits a row stride on which cuBLAS
         # falls back to slow unaligned kernels; the head's first `aligned` rows keep every product aligned.
         aligned = weight.shape[0] - weight.shape[0] % 8
-        head, tail = weight[:aligned], weight[aligned:]
+        blocks = [weight[:aligned], weight[aligned:]] if aligned < weight.shape[0] else [weight]
+        chunk_loss = _kernel(_cross_entropy_chunk, hidden)
+        # a tensor, not a float: the compiled kernel would otherwise be specialised (recompiled) per divisor
+        divisor_t = torch.tensor(divisor, dtype=torch.float32, device=hidden.device)
         for start in range(0, rows.numel(), chunk_rows):
             index = rows[start : start + chunk_rows]
-            h, target = hidden[index], targets[index]
-            logits = torch.empty(index.numel(), weight.shape[0], dtype=torch.float32, device=h.device)  # [n, V]
-            logits[:, :aligned] = h @ head.t()
-            logits[:, aligned:] = h @ tail.t()
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            h = hidden[index]
+            chunk_sum, logit_grads = chunk_loss([h @ block.t() for block in blocks], targets[index], divisor_t)
+            loss += chunk_sum
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                probs[torch.arange(index.numel(), device=h.device), target] -= 1.0
-                probs.div_(divisor)
-                grad_rows = probs[:, :aligned].to(h.dtype).contiguous() @ head
-                grad[index] = grad_rows.addmm_(probs[:, aligned:].to(h.dtype), tail)
+                grad_rows = logit_grads[0] @ blocks[0]
+                for logit_grad, block in zip(logit_grads[1:], blocks[1:]):
+                    grad_rows.addmm_(logit_grad, block)
+                grad[index] = grad_rows
         ctx.save_for_backward(grad)
         return loss / divisor
 
@@ -357,11 +449,11 @@ def _fused_mlp_forward(mlp: nn.Module, gate: LoraLinear, up: LoraLinear, down: L
     def forward(x):
         if any(_runs_peft(m) for m in (gate, up, down)):
             return original(x)
-        gate_proj, gate_a, gate_b = _lora_parts(gate)
-        up_proj, up_a, up_b = _lora_parts(up)
-        g, u = LoraLinears.apply(x, (gate_proj, up_proj), (_seed(), _seed()), gate_a, gate_b, up_a, up_b)
-        down_proj, down_a, down_b = _lora_parts(down)
-        act, h = SwiGLULoraA.apply(g, u, down_proj, _seed(), down_a)
+        (gate_proj, gate_a, gate_b), (up_proj, up_a, up_b), (down_proj, down_a, down_b) = (
+            _lora_parts(m) for m in (gate, up, down))
+        recompute = getattr(mlp, RECOMPUTE_GATE_UP, False)
+        act, h = GatedLoraA.apply(x, (gate_proj, up_proj, down_proj), (_seed(), _seed(), _seed()), recompute,
+                                  gate_a, gate_b, up_a, up_b, down_a)
         return LinearLoraB.apply(act, h, down_proj, down_b)
 
     return forward
@@ -427,18 +519,29 @@ class FastLoRA:
     def __init__(self, model: PeftModel):
         self.model = model
         self._swapped: list[nn.Module] = []
-        self.counts = {"lora_linears": 0, "gated_mlps": 0, "rms_norms": 0, "fused_loss": 0}
+        self._rotary: list[tuple[ModuleType, object]] = []  # (modeling module, its own apply_rotary_pos_emb)
+        self.counts = {"lora_linears": 0, "gated_mlps": 0, "rms_norms": 0, "fused_loss": 0, "rotary": 0}
 
     def _swap(self, module: nn.Module, forward, kind: str) -> None:
         module.forward = forward  # an instance attribute; deleting it uncovers the class's forward again
         self._swapped.append(module)
         self.counts[kind] += 1
 
+    def _swap_rotary(self, modeling: ModuleType) -> None:
+        # The attention layers call their modeling module's `apply_rotary_pos_emb` by name, so the function is
+        # swapped in that module (for every model of that class in the process, until restore()).
+        self._rotary.append((modeling, modeling.apply_rotary_pos_emb))
+        modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+        self.counts["rotary"] += 1
+
     def restore(self) -> None:
-        """Put every swapped module's own forward back."""
+        """Put every swapped module's own forward, and each modeling module's rotary function, back."""
         for module in reversed(self._swapped):
             del module.forward
+        for modeling, original in reversed(self._rotary):
+            modeling.apply_rotary_pos_emb = original
         self._swapped.clear()
+        self._rotary.clear()
 
     def __enter__(self) -> FastLoRA:
         return self
@@ -485,6 +588,9 @@ def enable_fast_lora(model: PeftModel) -> FastLoRA:
         ):
             handle._swap(module, _fused_rms_norm_forward(module), "rms_norms")
     handle.counts["lora_linears"] += 3 * handle.counts["gated_mlps"]
+    for name in sorted({type(m).__module__ for m in checkpointable_layers(llm)} & STANDARD_ROTARY_MODULES):
+        if getattr(sys.modules[name], "apply_rotary_pos_emb", apply_rotary_pos_emb) is not apply_rotary_pos_emb:
+            handle._swap_rotary(sys.modules[name])
     head = llm.get_output_embeddings()
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
         handle._swap(llm, _fused_loss_forward(llm, head, llm.forward), "fused_loss")
@@ -512,29 +618,48 @@ def checkpointable_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def set_checkpointed_layers(model: nn.Module, uncheckpointed: int) -> None:
-    """Checkpoint every decoder layer but the last `uncheckpointed` (gradient checkpointing must be enabled).
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """How the decoder layers spend memory, counted from the last layer back: `keep` layers save everything,
+    the `recompute_mlp` layers before them save all but their MLP's gate and up outputs (recomputed in
+    backward by two GEMMs), and every earlier layer is checkpointed (its whole forward recomputed)."""
+
+    keep: int = 0
+    recompute_mlp: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.keep} kept, {self.recompute_mlp} MLP-recomputed, the rest checkpointed"
+
+
+def set_checkpointed_layers(model: nn.Module, keep: int, recompute_mlp: int = 0) -> None:
+    """Apply `CheckpointPlan(keep, recompute_mlp)` (gradient checkpointing must be enabled).
 
     The last layers are the ones to keep: their activations are freed first in backward, before the
-    checkpointed layers recompute theirs.
+    checkpointed layers recompute theirs. MLP recompute acts on `enable_fast_lora`'s fused gated MLPs.
     """
     layers = checkpointable_layers(model)
     if layers and not hasattr(layers[0], "_gradient_checkpointing_func"):
         raise ValueError("enable gradient checkpointing first (model.gradient_checkpointing_enable())")
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i < len(layers) - uncheckpointed
+        from_end = len(layers) - i
+        layer.gradient_checkpointing = from_end > keep + recompute_mlp
+        for module in layer.modules():
+            if hasattr(module, "act_fn"):
+                setattr(module, RECOMPUTE_GATE_UP, keep < from_end <= keep + recompute_mlp)
 
 
-def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: int = 2) -> int:
-    """Leave as many last decoder layers un-checkpointed as fit in `budget_bytes` of peak CUDA memory.
+def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: int = 2) -> CheckpointPlan:
+    """The `CheckpointPlan` that fits in `budget_bytes` of peak CUDA memory and recomputes least; applied.
 
     `train_step()` runs one forward and backward (its gradients are cleared afterwards). It runs with every
-    layer checkpointed and with `probe` layers not, to measure the bytes an un-checkpointed layer adds; the
-    chosen count is then checked with one more step and lowered until the peak fits. Returns the count.
+    layer checkpointed, with `probe` layers MLP-recomputed and with `probe` layers kept, to measure what each
+    costs. Layers move from checkpointed to MLP-recomputed first (on a 7B model that saves about 2 ms of
+    recompute per 0.15 GiB, against 1.3 ms per 0.22 GiB for MLP-recomputed to kept), then from MLP-recomputed
+    to kept with what is left; the plan is checked with one more step and shrunk until its peak fits.
     """
 
-    def peak(uncheckpointed: int) -> int:
-        set_checkpointed_layers(model, uncheckpointed)
+    def peak(plan: CheckpointPlan) -> int:
+        set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train_step()
@@ -543,10 +668,15 @@ def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: in
         return torch.cuda.max_memory_allocated()
 
     layers = len(checkpointable_layers(model))
-    base = peak(0)
-    per_layer = max(1, (peak(probe) - base) // probe)
-    count = max(0, min(layers, (budget_bytes - base) // per_layer))
-    while count > 0 and peak(count) > budget_bytes:
-        count -= 1
-    set_checkpointed_layers(model, count)
-    return count
+    probe = min(probe, layers)
+    base = peak(CheckpointPlan())
+    per_recompute = max(1, (peak(CheckpointPlan(recompute_mlp=probe)) - base) // max(probe, 1))
+    per_keep = max(per_recompute + 1, (peak(CheckpointPlan(keep=probe)) - base) // max(probe, 1))
+    recompute = max(0, min(layers, (budget_bytes - base) // per_recompute))
+    keep = max(0, min(recompute, (budget_bytes - base - recompute * per_recompute) // (per_keep - per_recompute)))
+    plan = CheckpointPlan(keep, recompute - keep)
+    while (plan.keep or plan.recompute_mlp) and peak(plan) > budget_bytes:
+        plan = (CheckpointPlan(plan.keep - 1, plan.recompute_mlp + 1) if plan.keep
+                else CheckpointPlan(0, plan.recompute_mlp - 1))
+    set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
+    return plan

@@ -246,7 +246,8 @@ class InternLM2Attention(nn.Module):
         query_states = qkv[..., :groups, :].reshape(batch_size, seq_len, self.num_heads, self.head_dim)
         query_states = query_states.transpose(1, 2)  # (batch, heads, seq, head_dim)
         key_states = qkv[..., -2, :].transpose(1, 2)  # (batch, kv_heads, seq, head_dim)
-        value_states = qkv[..., -1, :].transpose(1, 2)
+        # A copy: attention saves its value input for backward, and a view would keep all of qkv alive with it.
+        value_states = qkv[..., -1, :].contiguous().transpose(1, 2)
 
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
