@@ -235,10 +235,13 @@ def run(name: str, args) -> list[dict]:
     seconds, peak = time_steps(model, batch, args.warmup, args.steps)
     rows.append(dict(config="fast", seconds=seconds, peak=peak, plan=f"{plan.keep} kept, {plan.recompute_mlp} MLP",
                      loss_diff=loss_diff, grad_diff=grad_diff))
-    if args.no_checkpointing:
-        set_checkpointed_layers(llm, keep=len(checkpointable_layers(llm)))
+    layer_count = len(checkpointable_layers(llm))
+    extra = [("fast, all ckpt", 0, 0), ("fast, all MLP", 0, layer_count)] if args.plans else []
+    extra += [("fast, no ckpt", layer_count, 0)] if args.no_checkpointing else []
+    for config, keep, recompute_mlp in extra:
+        set_checkpointed_layers(llm, keep, recompute_mlp)
         seconds, peak = time_steps(model, batch, args.warmup, args.steps)
-        rows.append(dict(config="fast, no ckpt", seconds=seconds, peak=peak, plan="every layer kept"))
+        rows.append(dict(config=config, seconds=seconds, peak=peak, plan=f"{keep} kept, {recompute_mlp} MLP"))
     handle.restore()
     layers = llm.get_base_model().config.num_hidden_layers
     label = f"{name} (InternLM2 LLM + InternViT-300M)" if name == VLM else name
@@ -262,6 +265,8 @@ def main() -> None:
     parser.add_argument("--fp32-reference", action="store_true", help="also compare both to a float32 copy")
     parser.add_argument("--profile", action="store_true", help="print the fast path's kernels, most time first")
     parser.add_argument("--no-checkpointing", action="store_true", help="also time the fast path with none")
+    parser.add_argument("--plans", action="store_true",
+                        help="also time every layer checkpointed and every layer MLP-recomputed (the plan's costs)")
     args = parser.parse_args()
     import peft
     import transformers

@@ -12,7 +12,8 @@ read the same `lora_A` / `lora_B` parameters:
 - a gated MLP (`down(silu(gate(x)) * up(x))`) runs gate and up as one node and recomputes `silu(g) * u` in
   backward, so the [tokens, intermediate] product is never stored, and a checkpointed layer's recompute stops
   before the down projection's GEMM;
-- RMSNorm saves only its input and the per-row scale; rotary embedding is one kernel each way, saving nothing
+- RMSNorm saves only its input and the per-row scale, and the LoRA nodes it feeds save that same input
+  rather than the norm's output (recomputed in backward); rotary embedding is one kernel each way, saving nothing
   but cos and sin;
 - with `labels`, the loss is computed in chunks of tokens straight from the last hidden state, so the
   [tokens, vocab] logits never exist in full (the output has `logits=None`).
@@ -64,6 +65,8 @@ STANDARD_ROTARY_MODULES = frozenset({
     "transformers.models.qwen3.modeling_qwen3",
     "transformers.models.qwen3_moe.modeling_qwen3_moe",
 })
+# Set on RMSNormFunction's outputs: (input, weight, eps), so the LoRA nodes they feed can save the input instead.
+NORM_INPUT = "_fast_lora_rms_norm_input"
 # Set on a fused gated MLP to save memory: its backward recomputes the gate and up outputs (see GatedLoraA).
 RECOMPUTE_GATE_UP = "fast_lora_recompute_gate_up"
 
@@ -148,11 +151,48 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return _dropped(torch.ones_like(like), p, seed)
 
 
+def _use_kernels(x: torch.Tensor, p: float) -> bool:
+    # The Triton products draw the mask as they read x (see internvl.lora.kernels); elsewhere the mask is a pass
+    # of its own.
+    return p != 0.0 and x.is_cuda and x.is_contiguous() and x.shape[-1] % 4 == 0 and x.numel() < 2**31
+
+
+def _lora_a_product(x2, lora_a, p: float, seed: int):
+    """drop(x2) A^T (no 1/(1-p)) for x2 [N, in], in x2's dtype."""
+    lora_a = lora_a.to(x2.dtype)
+    if _use_kernels(x2, p):
+        from internvl.lora.kernels import lora_a_product
+
+        return lora_a_product(x2, lora_a, p, seed)
+    return (x2 if p == 0.0 else _dropped(x2, p, seed)) @ lora_a.t()
+
+
+def _lora_a_grad(dh, x2, p: float, seed: int):
+    """dh^T drop(x2) (no 1/(1-p)): the gradient of A, [r, in]."""
+    if _use_kernels(x2, p):
+        from internvl.lora.kernels import lora_a_grad
+
+        return lora_a_grad(dh, x2, p, seed)
+    return dh.t() @ (x2 if p == 0.0 else _dropped(x2, p, seed))
+
+
+def _add_lora_input_grad(dh, lora_a, p: float, seed: int, base, out=None):
+    """base + drop(dh A) (no 1/(1-p)): the adapter's share of the input gradient added to `base`; `out` may be base."""
+    lora_a = lora_a.to(dh.dtype)
+    if p == 0.0:
+        return torch.addmm(base, dh, lora_a, out=out)
+    if _use_kernels(base, p):
+        from internvl.lora.kernels import add_lora_input_grad
+
+        return add_lora_input_grad(dh, lora_a, p, seed, base, out)
+    lora = _dropped(dh @ lora_a, p, seed)
+    return torch.add(base, lora, out=out)
+
+
 def _lora_forward(x2, proj: Projection, seed, lora_a, lora_b):
     """Base output with the adapter's update added in place, and the rank-r intermediate h backward needs."""
     y = F.linear(x2, proj.weight, proj.bias)  # [N, out]
-    x_in = x2 if proj.dropout == 0.0 else _dropped(x2, proj.dropout, seed)
-    h = x_in @ lora_a.to(x2.dtype).t()  # [N, r]
+    h = _lora_a_product(x2, lora_a, proj.dropout, seed)  # [N, r]
     if proj.dropout:
         h.mul_(1.0 / (1.0 - proj.dropout))  # inverted dropout's scale, on the small tensor
     y.addmm_(h, lora_b.to(y.dtype).t(), alpha=proj.scale)
@@ -161,22 +201,32 @@ def _lora_forward(x2, proj: Projection, seed, lora_a, lora_b):
 
 def _lora_backward(x2, dy2, h, proj: Projection, seed, lora_a, lora_b, dx2, need_dx: bool):
     """Gradients of `_lora_forward`: the adapter's (dA, dB), and dx accumulated into `dx2` (None: a new one)."""
-    lora_a_c, lora_b_c = lora_a.to(dy2.dtype), lora_b.to(dy2.dtype)
     grad_b = (dy2.t() @ h).mul_(proj.scale)  # [out, r]
-    dh = dy2 @ lora_b_c  # [N, r]
-    dh.mul_(proj.scale / (1.0 - proj.dropout))
-    dropout = proj.dropout != 0.0
-    grad_a = dh.t() @ (_dropped(x2, proj.dropout, seed) if dropout else x2)  # [r, in]
+    dh = (dy2 @ lora_b.to(dy2.dtype)).mul_(proj.scale / (1.0 - proj.dropout))  # [N, r]
+    grad_a = _lora_a_grad(dh, x2, proj.dropout, seed)  # [r, in]
     if need_dx:
-        if not dropout and dx2 is not None:
-            dx2.addmm_(dh, lora_a_c)
-        else:
-            dx_lora = dh @ lora_a_c  # [N, in]
-            if dropout:
-                _dropped(dx_lora, proj.dropout, seed, out=dx_lora)
-            dx2 = dx_lora if dx2 is None else dx2.add_(dx_lora)
-        dx2.addmm_(dy2, proj.weight)  # the frozen base's share, in place
+        dx2 = dy2 @ proj.weight if dx2 is None else dx2.addmm_(dy2, proj.weight)  # the frozen base's share
+        _add_lora_input_grad(dh, lora_a, proj.dropout, seed, dx2, out=dx2)
     return dx2, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
+
+
+def _input_to_save(ctx, x: torch.Tensor) -> torch.Tensor:
+    """What a LoRA node saves of its input x: x, or when x is an RMSNorm's output, the norm's input.
+
+    The norm saves its input anyway, so a node fed by a norm keeps no tensor of its own alive (two [tokens,
+    hidden] tensors less per decoder layer) and backward recomputes x from it, one elementwise pass.
+    """
+    source = getattr(x, NORM_INPUT, None)
+    ctx.norm = None if source is None else source[1:]
+    return x if source is None else source[0]
+
+
+def _saved_input(ctx, saved: torch.Tensor) -> torch.Tensor:
+    """The node's input as [tokens, features], from what `_input_to_save` kept."""
+    if ctx.norm is not None:
+        weight, eps = ctx.norm
+        saved = _kernel(_rms_norm_forward, saved)(saved, weight, eps)[0]  # bitwise the forward's output
+    return saved.reshape(-1, saved.shape[-1])
 
 
 class LoraLinears(torch.autograd.Function):
@@ -194,14 +244,15 @@ class LoraLinears(torch.autograd.Function):
             y, h = _lora_forward(x2, proj, seed, lora_a, lora_b)
             outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
             hs.append(h)
-        ctx.save_for_backward(x2, *hs, *lora)
+        ctx.save_for_backward(_input_to_save(ctx, x), *hs, *lora)
         ctx.projections, ctx.seeds, ctx.x_shape = projections, seeds, x.shape
         ctx.set_materialize_grads(False)
         return tuple(outputs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x2, *rest = ctx.saved_tensors
+        saved, *rest = ctx.saved_tensors
+        x2 = _saved_input(ctx, saved)
         count = len(ctx.projections)
         hs, lora = rest[:count], rest[count:]
         dx2, lora_grads = None, []
@@ -239,17 +290,17 @@ class GatedLoraA(torch.autograd.Function):
         gate, gate_h = _lora_forward(x2, gate_proj, gate_seed, gate_a, gate_b)
         up, up_h = _lora_forward(x2, up_proj, up_seed, up_a, up_b)
         act = _kernel(_swiglu_forward, gate)(gate, up)  # [N, intermediate]
-        x_in = act if down_proj.dropout == 0.0 else _dropped(act, down_proj.dropout, down_seed)
-        h = (x_in @ down_a.to(act.dtype).t()).mul_(1.0 / (1.0 - down_proj.dropout))  # [N, r]
+        h = _lora_a_product(act, down_a, down_proj.dropout, down_seed).mul_(1.0 / (1.0 - down_proj.dropout))
         outputs = () if recompute else (gate, up)
-        ctx.save_for_backward(x2, gate_h, up_h, *outputs, *lora)
+        ctx.save_for_backward(_input_to_save(ctx, x), gate_h, up_h, *outputs, *lora)
         ctx.projections, ctx.seeds, ctx.recompute, ctx.x_shape = projections, seeds, recompute, x.shape
         return act.view(*x.shape[:-1], act.shape[-1]), h
 
     @staticmethod
     def backward(ctx, dact, dh):
         (gate_proj, up_proj, down_proj), (gate_seed, up_seed, down_seed) = ctx.projections, ctx.seeds
-        x2, gate_h, up_h, *rest = ctx.saved_tensors
+        saved, gate_h, up_h, *rest = ctx.saved_tensors
+        x2 = _saved_input(ctx, saved)
         if ctx.recompute:
             gate_a, gate_b, up_a, up_b, down_a = rest
             gate = F.linear(x2, gate_proj.weight, gate_proj.bias).addmm_(
@@ -260,12 +311,9 @@ class GatedLoraA(torch.autograd.Function):
         p = down_proj.dropout
         act = _kernel(_swiglu_forward, gate)(gate, up)
         dh = dh * (1.0 / (1.0 - p))
-        grad_down_a = dh.t() @ (act if p == 0.0 else _dropped(act, p, down_seed))  # [r, intermediate]
-        dact_lora = dh @ down_a.to(dh.dtype)  # [N, intermediate]
-        if p:
-            _dropped(dact_lora, p, down_seed, out=dact_lora)
-        dact2 = dact_lora.add_(dact.view_as(dact_lora))
-        del act, dact_lora
+        grad_down_a = _lora_a_grad(dh, act, p, down_seed)  # [r, intermediate]
+        dact2 = _add_lora_input_grad(dh, down_a, p, down_seed, dact.view_as(act))  # [N, intermediate]
+        del act
         dgate, dup = _kernel(_swiglu_backward, gate)(dact2, gate, up)
         del gate, up, dact2
         need_dx = ctx.needs_input_grad[0]
@@ -308,6 +356,7 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         y, rstd = _kernel(_rms_norm_forward, x)(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        setattr(y, NORM_INPUT, (x, weight, eps))  # for the LoRA nodes y feeds: see `_input_to_save`
         return y
 
     @staticmethod
