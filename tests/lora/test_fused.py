@@ -365,36 +365,15 @@ def test_dropout_kernels_apply_the_mask_of_dropout_mask(rank):
     from internvl.lora import kernels
 
     generator = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(300, 260, device="cuda", generator=generator)  # ragged against every block size
-    lora_a = torch.randn(rank, 260, device="cuda", generator=generator)
-    dh = torch.randn(300, rank, device="cuda", generator=generator)
-    base = torch.randn(300, 260, device="cuda", generator=generator)
+    # bf16, as in training (the fused path keeps torch's products for float32); ragged against every block size
+    x, lora_a, dh, base = (torch.randn(*shape, device="cuda", generator=generator).bfloat16()
+                           for shape in ((300, 260), (rank, 260), (300, rank), (300, 260)))
     mask = dropout_mask(x, 0.3, seed=9)
-    assert abs(mask.mean().item() - 0.7) < 0.01
-    loose = dict(rtol=2e-2, atol=2e-2)  # tl.dot multiplies float32 in TF32
-    torch.testing.assert_close(kernels.lora_a_product(x, lora_a, 0.3, 9), (x * mask) @ lora_a.t(), **loose)
-    torch.testing.assert_close(kernels.lora_a_grad(dh, x, 0.3, 9), dh.t() @ (x * mask), **loose)
-    torch.testing.assert_close(kernels.add_lora_input_grad(dh, lora_a, 0.3, 9, base), base + (dh @ lora_a) * mask,
-                               **loose)
-    # the same mask on a bf16 tensor, as in training
-    xb = x.bfloat16()
-    assert torch.equal(kernels.apply_keep_mask(xb, 0.3, 9), xb * mask.bfloat16())
-
-
-def test_lora_nodes_fed_by_a_norm_save_the_norms_input_not_its_output():
-    model = tiny_peft_llm("Qwen2ForCausalLM")
-    enable_fast_lora(model)
-    norm_outputs, saved = [], set()  # the outputs are kept alive, so no saved tensor can reuse their memory
-    for module in model.modules():
-        if type(module).__name__.endswith("RMSNorm"):
-            module.register_forward_hook(lambda mod, args, out: norm_outputs.append(out))
-
-    def pack(tensor):
-        saved.add(tensor.untyped_storage().data_ptr())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids=batch()[0], labels=batch()[1]).loss
-    assert len(norm_outputs) == 2 * LAYERS + 1
-    assert not {out.untyped_storage().data_ptr() for out in norm_outputs} & saved
-    loss.backward()  # and backward, recomputing them, still runs
+    assert abs(mask.float().mean().item() - 0.7) < 0.01
+    assert torch.equal(kernels.apply_keep_mask(x, 0.3, 9), x * mask)
+    x32, a32, dh32, mask32 = x.float(), lora_a.float(), dh.float(), mask.float()
+    loose = dict(rtol=2e-2, atol=5e-2)  # bf16 rounding of the outputs
+    torch.testing.assert_close(kernels.lora_a_product(x, lora_a, 0.3, 9).float(), (x32 * mask32) @ a32.t(), **loose)
+    torch.testing.assert_close(kernels.lora_a_grad(dh, x, 0.3, 9), dh32.t() @ (x32 * mask32), **loose)
+    torch.testing.assert_close(kernels.add_lora_input_grad(dh, lora_a, 0.3, 9, base).float(),
+                               base.float() + (dh32 @ a32) * mask32, **loose)

@@ -153,8 +153,9 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 def _use_kernels(x: torch.Tensor, p: float) -> bool:
     # The Triton products draw the mask as they read x (see internvl.lora.kernels); elsewhere the mask is a pass
-    # of its own.
-    return p != 0.0 and x.is_cuda and x.is_contiguous() and x.shape[-1] % 4 == 0 and x.numel() < 2**31
+    # of its own. They multiply 16-bit inputs: float32 training keeps torch's exact float32 products.
+    return (p != 0.0 and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
+            and x.shape[-1] % 4 == 0 and x.numel() < 2**31)
 
 
 def _lora_a_product(x2, lora_a, p: float, seed: int):
@@ -180,7 +181,7 @@ def _add_lora_input_grad(dh, lora_a, p: float, seed: int, base, out=None):
     """base + drop(dh A) (no 1/(1-p)): the adapter's share of the input gradient added to `base`; `out` may be base."""
     lora_a = lora_a.to(dh.dtype)
     if p == 0.0:
-        return torch.addmm(base, dh, lora_a, out=out)
+        return base.addmm_(dh, lora_a) if out is base else torch.addmm(base, dh, lora_a, out=out)
     if _use_kernels(base, p):
         from internvl.lora.kernels import add_lora_input_grad
 
@@ -312,7 +313,10 @@ class GatedLoraA(torch.autograd.Function):
         act = _kernel(_swiglu_forward, gate)(gate, up)
         dh = dh * (1.0 / (1.0 - p))
         grad_down_a = _lora_a_grad(dh, act, p, down_seed)  # [r, intermediate]
-        dact2 = _add_lora_input_grad(dh, down_a, p, down_seed, dact.view_as(act))  # [N, intermediate]
+        # in place: act feeds only LinearLoraB, whose backward made dact, so no one else reads it (and backward's
+        # peak, the highest of the whole step, is one [tokens, intermediate] tensor lower)
+        dact2 = dact.view_as(act)
+        _add_lora_input_grad(dh, down_a, p, down_seed, dact2, out=dact2)  # [N, intermediate]
         del act
         dgate, dup = _kernel(_swiglu_backward, gate)(dact2, gate, up)
         del gate, up, dact2
@@ -448,7 +452,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad * dloss.to(grad.dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, chunk_elements=2**26):
+def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, chunk_elements=2**24):
     """transformers' causal-LM loss (shift labels left, ignore -100, mean or sum / `num_items_in_batch`) of
     `hidden @ weight.T`, computed `chunk_elements` logits at a time."""
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)  # [N]
