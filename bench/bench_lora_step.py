@@ -194,6 +194,9 @@ def vlm_batch(model: InternVLChatModel, seq: int, dtype: torch.dtype) -> dict:
 
 
 def run(name: str, args) -> list[dict]:
+    # A training process holds one model: compile its kernels for its own shapes, not dynamic ones made to
+    # cover the previous model's as well.
+    torch._dynamo.reset()
     dtype = getattr(torch, args.dtype)
     if name == VLM:
         model = build_vlm(args.layers, dtype)
