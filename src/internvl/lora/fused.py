@@ -8,10 +8,11 @@ read the same `lora_A` / `lora_B` parameters:
 
 - each LoRA linear is one autograd node: the base output with the adapter's low-rank update added in place,
   one input gradient for base and adapter together, no gradient for the frozen weight, and only the input and
-  the rank-r intermediate saved (the dropout mask is redrawn from a seed in backward, not stored);
-- a gated MLP (`down(silu(gate(x)) * up(x))`) runs gate and up as one node and recomputes `silu(g) * u` in
-  backward, so the [tokens, intermediate] product is never stored, and a checkpointed layer's recompute stops
-  before the down projection's GEMM;
+  the rank-r intermediate saved (the dropout mask is redrawn from a seed in backward, not stored; on CUDA it is
+  drawn inside the adapter's Triton products, `internvl.lora.kernels`);
+- a gated MLP (`down(silu(gate(x)) * up(x))`) runs gate, up and SwiGLU as one node and recomputes
+  `silu(g) * u` in backward, so the [tokens, intermediate] product is never stored, and a checkpointed layer's
+  recompute stops before the down projection's GEMM; it can also recompute g and u themselves (see below);
 - RMSNorm saves only its input and the per-row scale, and the LoRA nodes it feeds save that same input
   rather than the norm's output (recomputed in backward); rotary embedding is one kernel each way, saving nothing
   but cos and sin;
@@ -29,7 +30,7 @@ but their MLP's two widest tensors (recomputed by two GEMMs in backward) and whi
     model = add_lora(llm, ...)                      # a PeftModel, as for the plain path
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     handle = maybe_enable_fast_lora(model)          # None (and a logged reason) off CUDA or when unsupported
-    fit_checkpointing(model, lambda: model(**batch).loss.backward(), budget_bytes)
+    fit_checkpointing(model, lambda: model(**batch).loss.backward(), budget_bytes)  # or set_checkpointed_layers
     ...                                             # train; save_pretrained as usual
     handle.restore()
 
