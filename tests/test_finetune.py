@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -36,8 +38,8 @@ def trained(tmp_path_factory):
         "--force_image_size", "56", "--max_dynamic_patch", "1", "--dynamic_image_size", "True",
         "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
         "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
-        "--logging_steps", "1", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out),
-    )
+        "--logging_steps", "1", "--save_full_model", "True", "--use_cpu", "True", "--output_dir", str(out),
+    )  # no --report_to: TensorBoard by default
     assert result.returncode == 0, result.stderr[-3000:]
     return root, base, out, data
 
@@ -57,6 +59,60 @@ def test_finetune_writes_standard_peft_adapters_tokenizer_manifest_and_loss_curv
     adapted = PeftModel.from_pretrained(llm, out / "llm_adapter")
     lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
+
+
+def test_finetune_logs_the_training_loss_to_tensorboard_by_default(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, out, _ = trained
+    (run,) = {path.parent for path in out.glob("runs/*/events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    logged = [(event.step, event.value) for event in events.Scalars("train/loss")]
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [step for step, _ in logged] == [1, 2, 3, 4]
+    assert [value for _, value in logged] == pytest.approx([loss for _, loss in history])
+
+
+def test_report_to_is_tensorboard_unless_the_command_line_or_config_file_says_otherwise(tmp_path):
+    from internvl.train.args import parse_finetune_args
+
+    def report_to(*argv: str) -> list[str]:
+        return parse_finetune_args([*argv, "--output_dir", str(tmp_path)])[2].report_to
+
+    config = tmp_path / "recipe.yaml"
+    config.write_text("report_to: none\n")
+    assert report_to() == ["tensorboard"]
+    assert report_to("--report_to", "none") == []
+    assert report_to("--config", str(config)) == []
+    assert report_to("--config", str(config), "--report_to", "tensorboard") == ["tensorboard"]
+
+
+def test_save_full_model_writes_the_merged_model_in_the_official_format(trained, tokenizer):
+    from safetensors import safe_open
+
+    from internvl.train.outputs import load_adapter
+    from tests.builders import build_batch
+
+    _, base, out, _ = trained
+    full = out / "full_model"
+    assert json.loads((full / "config.json").read_text())["use_llm_lora"] == 0
+    assert (full / "tokenizer.json").is_file()
+    def weight_names(folder) -> set[str]:
+        with safe_open(folder / "model.safetensors", "pt") as weights:
+            return set(weights.keys())
+
+    assert weight_names(full) == weight_names(base)  # official names: no PEFT prefixes, no lora_ weights
+    merged, adapted, original = (InternVLChatModel.from_pretrained(folder) for folder in (full, base, base))
+    load_adapter(adapted, out)
+    batch = build_batch(adapted, tokenizer)  # also sets adapted.img_context_token_id
+    batch.pop("labels")
+    merged.img_context_token_id = original.img_context_token_id = adapted.img_context_token_id
+    with torch.no_grad():
+        logits = {name: model(**batch).logits for name, model in
+                  [("merged", merged), ("adapted", adapted), ("base", original)]}
+    torch.testing.assert_close(logits["merged"], logits["adapted"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits["merged"], logits["base"], atol=1e-3)  # the training is in the weights
 
 
 def test_merged_model_and_base_plus_adapter_give_the_same_answer(trained):
@@ -82,12 +138,111 @@ def test_an_adapter_on_another_base_model_is_refused(trained, tmp_path):
     assert "config hash" in result.stderr and "--force_base_model" in result.stderr
 
 
-def test_bad_arguments_give_clear_errors(tmp_path):
-    result = cli("finetune", "--model_name_or_path", str(tmp_path / "missing"), "--meta_path", "m.json",
-                 "--output_dir", str(tmp_path / "o"))
-    assert result.returncode == 2 and "missing: no config.json" in result.stderr
-    result = cli("finetune", "--no_such_option", "1", "--output_dir", str(tmp_path / "o"))
-    assert result.returncode == 2 and "--no_such_option" in result.stderr
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        pytest.param(["--model_name_or_path", "{tmp}/missing"], "--model_name_or_path {tmp}/missing: no such folder",
+                     id="missing model"),
+        pytest.param(["--config", "{tmp}/bad.yaml"], "{tmp}/bad.yaml:2: not valid YAML: expected ',' or ']'",
+                     id="malformed YAML config"),
+    ],
+)
+def test_a_bad_argument_ends_the_process_with_one_clear_error_line(tmp_path, argv, error):
+    (tmp_path / "bad.yaml").write_text("use_llm_lora: [4\n")
+    result = cli("finetune", *[arg.format(tmp=tmp_path) for arg in argv], "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"internvl-lora finetune: error: {error.format(tmp=tmp_path)}")
+
+
+def _write_bad_data(folder, images) -> None:
+    """Meta files with one problem each, named by the cases of the test below."""
+    good = {"image": "00000.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                  {"from": "gpt", "value": "red"}]}
+    lines = {
+        "not_json": [json.dumps(good), '{"image": "00000.png", "conversations": [}'],
+        "no_image": [json.dumps(good), json.dumps({**good, "image": "gone.png"})],
+    }
+    for name, records in lines.items():
+        (folder / f"{name}.jsonl").write_text("\n".join(records) + "\n")
+    for name in (*lines, "no_jsonl"):
+        meta = {name: {"root": str(images), "annotation": str(folder / f"{name}.jsonl")}}
+        (folder / f"{name}.json").write_text(json.dumps(meta))
+    (folder / "config.yaml").write_text("- use_llm_lora\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "error"),
+    [
+        pytest.param(["--no_such_option", "1"], "unknown argument(s): --no_such_option 1", id="unknown flag"),
+        pytest.param(["--meta_path", "{tmp}/none.json"], "--meta_path {tmp}/none.json: no such file",
+                     id="missing meta file"),
+        pytest.param(["--meta_path", "{tmp}/no_jsonl.json"],
+                     "{tmp}/no_jsonl.json: dataset 'no_jsonl': annotation file {tmp}/no_jsonl.jsonl not found",
+                     id="missing JSONL"),
+        pytest.param(["--meta_path", "{tmp}/not_json.json"], "{tmp}/not_json.jsonl:2: malformed JSON: Expecting value",
+                     id="line not JSON"),
+        pytest.param(["--meta_path", "{tmp}/no_image.json"], "{tmp}/no_image.jsonl:2: missing image: {images}/gone.png",
+                     id="missing image"),
+        pytest.param(["--conv_style", "vicuna"],
+                     "--conv_style 'vicuna': unknown conversation template; known: internvl2_5", id="unknown template"),
+        pytest.param(["--use_llm_lora", "-4"],
+                     "--use_llm_lora -4: must be a LoRA rank (a positive integer), or 0 for no LoRA",
+                     id="negative rank"),
+        pytest.param(["--use_llm_lora", "four"], "argument --use_llm_lora/--use-llm-lora: invalid int value: 'four'",
+                     id="rank not a number"),
+        pytest.param(["--resume_from_checkpoint", "{tmp}/checkpoint-9"],
+                     "--resume_from_checkpoint {tmp}/checkpoint-9: no such folder", id="missing checkpoint"),
+        pytest.param(["--use_llm_lora", "0"],
+                     "nothing to train: --freeze_llm, --freeze_backbone and --freeze_mlp freeze every weight",
+                     id="nothing trainable"),
+        pytest.param(["--config", "{tmp}/none.yaml"], "--config {tmp}/none.yaml: No such file or directory",
+                     id="missing config"),
+        pytest.param(["--config", "{tmp}/config.yaml"],
+                     "{tmp}/config.yaml: expected a mapping of option names to values", id="config not a mapping"),
+        pytest.param(["--fsdp", "full_shard"], "Using fsdp only works in distributed training",
+                     id="FSDP in one process"),
+        pytest.param(["--deepspeed", "{tmp}/ds.json"], "The 'deepspeed>=0.9.3' distribution was not found",
+                     id="DeepSpeed not installed",
+                     marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None,
+                                              reason="deepspeed is installed")),
+    ],
+)
+def test_a_bad_input_gives_one_clear_error_naming_it(trained, tmp_path, capsys, argv, error):
+    from internvl.cli import main
+
+    root, base, _, data = trained
+    images = data.parent / "images"
+    _write_bad_data(tmp_path, images)
+    common = ["--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"),
+              "--conv_style", "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1",
+              "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
+              "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none",
+              "--disable_tqdm", "True", "--use_cpu", "True", "--output_dir", str(tmp_path / "out")]
+    try:
+        status = main(["finetune", *common, *[arg.format(tmp=tmp_path) for arg in argv]])  # the last flag wins
+    except SystemExit as exit:  # argparse's own errors (a value of the wrong type)
+        status = exit.code
+    assert status == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"internvl-lora finetune: error: {error.format(tmp=tmp_path, images=images)}")
+
+
+def test_fsdp_on_the_cpu_is_refused_rather_than_silently_trained_as_ddp(trained, tmp_path):
+    root, base, _, _ = trained
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "internvl.cli", "finetune",
+         "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style", "internvl2_5",
+         "--force_image_size", "56", "--max_dynamic_patch", "1", "--use_llm_lora", "4", "--max_steps", "1",
+         "--fsdp", "full_shard auto_wrap", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("internvl-lora finetune: error:")]
+    assert len(errors) == 2  # one per rank
+    assert all("--fsdp: accelerate does not apply FSDP to this MULTI_CPU run" in line for line in errors)
 
 
 def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
@@ -102,9 +257,10 @@ def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = [line for line in result.stdout.splitlines() if "ranks hold identical trainable weights" in line]
-    assert sorted(line.split(":")[0] for line in lines) == ["rank 0", "rank 1"]
-    assert len({line.split("sha256 ")[1] for line in lines}) == 1
+    # Searched in the whole output: the two ranks' prints may interleave within a line.
+    reports = re.findall(r"rank (\d): all 2 ranks hold identical trainable weights \(sha256 (\w+)\)", result.stdout)
+    assert sorted(rank for rank, _ in reports) == ["0", "1"]
+    assert len({digest for _, digest in reports}) == 1
     assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -172,3 +328,33 @@ def test_unfreeze_lm_head_really_trains_the_head_and_the_adapter_carries_it(toke
     assert any("output.modules_to_save" in n for n in trainable)  # InternLM2's head is `output`
     assert all("lora_" in n or "output.modules_to_save" in n for n in trainable)
     assert model.language_model.peft_config["default"].modules_to_save == ["output"]
+
+
+def test_outputs_written_from_a_gathered_state_dict_equal_those_written_from_the_model(tokenizer, tmp_path):
+    """FSDP and DeepSpeed ZeRO-3 leave each rank a shard of every weight; the Trainer hands `_save` the whole."""
+    from safetensors.torch import load_file
+
+    from internvl.train.args import DataArguments, ModelArguments
+    from internvl.train.finetune import prepare_model
+    from internvl.train.outputs import TRAINED_WEIGHTS, save_outputs
+
+    model = build_model("Qwen2ForCausalLM", template="internvl2_5")
+    base_config = model.config.to_dict()
+    prepare_model(model, tokenizer, ModelArguments(freeze_llm=True, freeze_backbone=True, use_llm_lora=4),
+                  DataArguments(conv_style="internvl2_5", force_image_size=56))  # trains LoRA and the projector
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    with torch.no_grad():
+        for param in trainable:
+            param.add_(torch.randn_like(param))  # as if trained: LoRA B starts at zero
+    save_outputs(model, tmp_path / "from_model", base_config, None)
+    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        for param in trainable:
+            param.zero_()  # what this rank holds no longer matters
+    save_outputs(model, tmp_path / "from_state_dict", base_config, None, state_dict=gathered)
+
+    for file in ("llm_adapter/adapter_model.safetensors", TRAINED_WEIGHTS):
+        expected, actual = (load_file(tmp_path / folder / file) for folder in ("from_model", "from_state_dict"))
+        assert expected.keys() == actual.keys() and expected
+        for key in expected:
+            assert torch.equal(expected[key], actual[key]), key

@@ -1,17 +1,26 @@
 """The fine-tune command's arguments: the official trainer's names, plus every HF `TrainingArguments` option.
 
 An official `*_lora.sh` script works by swapping its entry point for `internvl-lora finetune`. The same keys can
-come from a YAML or JSON file (`--config FILE`); flags on the command line override the file.
+come from a YAML or JSON file (`--config FILE`); flags on the command line override the file. Unless either says
+otherwise, the run writes to `runs/finetune` and logs to TensorBoard (`OUTPUT_DIR/runs/`; `--report_to none`: off).
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
+
+from internvl.data.templates import TEMPLATE_NAMES
+
+# What `internvl-lora finetune` does when neither the command line nor the config file says otherwise.
+DEFAULTS = {"output_dir": "runs/finetune", "report_to": "tensorboard"}
 
 
 @dataclass
@@ -34,11 +43,18 @@ class ModelArguments:
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth rate of the ViT."})
     ps_version: Literal["v1", "v2"] = field(default="v2", metadata={"help": "Pixel shuffle version."})
     save_full_model: bool = field(
-        default=False, metadata={"help": "Also write the official-format full checkpoint (GBs) with the adapters."}
+        default=False,
+        metadata={"help": "At the end, also write the merged model, official format (GBs), to OUTPUT_DIR/full_model."},
     )
     force_base_model: bool = field(
         default=False, metadata={"help": "Resume or load adapters even when the base model's config hash differs."}
     )
+
+    def __post_init__(self):
+        for name in ("use_llm_lora", "use_backbone_lora"):
+            rank = getattr(self, name)
+            if rank < 0:
+                raise ValueError(f"--{name} {rank}: must be a LoRA rank (a positive integer), or 0 for no LoRA")
 
 
 @dataclass
@@ -59,17 +75,35 @@ class DataArguments:
         default=False, metadata={"help": "Skip unreadable samples (counted and reported) instead of stopping."}
     )
 
+    def __post_init__(self):
+        if self.conv_style not in TEMPLATE_NAMES:
+            raise ValueError(
+                f"--conv_style {self.conv_style!r}: unknown conversation template; known: {', '.join(TEMPLATE_NAMES)}"
+            )
+
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 
 def _read_config_file(path: str) -> dict:
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+    """The options of a YAML or JSON config file; ValueError naming the file (and line) when it is unusable."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise FileNotFoundError(f"--config {path}: {error.strerror or error}") from None
+    try:
+        values = yaml.safe_load(text) if path.endswith((".yaml", ".yml")) else json.loads(text)
+    except yaml.MarkedYAMLError as error:
+        raise ValueError(f"{path}:{error.problem_mark.line + 1}: not valid YAML: {error.problem}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values, got a {type(values).__name__}")
+    return values
 
 
 def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -78,22 +112,29 @@ def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments,
         # transformers 5.2x folded --warmup_ratio into --warmup_steps (a float below 1 is a ratio); official
         # scripts still pass --warmup_ratio.
         argv = ["--warmup_steps" if arg == "--warmup_ratio" else arg for arg in argv]
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    # The full usage lists every TrainingArguments option: hundreds of lines in front of a one-line error.
+    parser = HfArgumentParser(
+        ARGUMENT_CLASSES, prog="internvl-lora finetune", usage="%(prog)s [--config FILE] [OPTIONS]"
+    )
     parser.add_argument("--config", default=None, help="YAML or JSON file with any of these options")
-    if "--config" in argv:
-        path = argv[argv.index("--config") + 1]
+    parser.set_defaults(**DEFAULTS)
+    config_reader = argparse.ArgumentParser(prog=parser.prog, add_help=False, allow_abbrev=False)
+    config_reader.add_argument("--config")
+    path = config_reader.parse_known_args(argv)[0].config
+    if path is not None:
         values = _read_config_file(path)
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {unknown}")
         parser.set_defaults(**values)
-    if not any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv):
-        parser.set_defaults(output_dir=parser.get_default("output_dir") or "runs/finetune")
     # The result also holds a namespace with --config (already read above) before the leftover strings.
-    model_args, data_args, training_args, _, rest = parser.parse_args_into_dataclasses(
-        args=argv, return_remaining_strings=True
-    )
+    try:
+        model_args, data_args, training_args, _, rest = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True
+        )
+    except importlib.metadata.PackageNotFoundError as error:  # transformers checks for deepspeed here
+        raise ValueError(f"{error.name.strip()} Install it, or drop the option that needs it.") from None
     if rest:
         raise ValueError(f"unknown argument(s): {' '.join(rest)}")
     return model_args, data_args, training_args

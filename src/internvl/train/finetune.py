@@ -23,6 +23,7 @@ from internvl import checkpoint
 from internvl.data.collate import Collator
 from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.data.dataset import build_datasets
+from internvl.data.reading import read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from internvl.model.projector import num_image_tokens
@@ -105,29 +106,36 @@ def prepare_model(
         vision = model.vision_model.get_base_model() if isinstance(model.vision_model, PeftModel) else model.vision_model
         for param in vision.encoder.layers[model_args.unfreeze_vit_layers:].parameters():
             param.requires_grad = True
+    if not any(param.requires_grad for param in model.parameters()):
+        raise ValueError(
+            "nothing to train: --freeze_llm, --freeze_backbone and --freeze_mlp freeze every weight and no LoRA is "
+            "set; pass --use_llm_lora R or --use_backbone_lora R, or unfreeze a part"
+        )
     return model
 
 
 class InternVLTrainer(Trainer):
     """The HF Trainer, saving adapters instead of full models, each checkpoint written atomically."""
 
-    def __init__(self, *args, base_config: dict, base_path: str | None, save_full_model: bool = False,
-                 force_base_model: bool = False, **kwargs):
+    def __init__(self, *args, base_config: dict, base_path: str | None, force_base_model: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_config = base_config
         self.base_path = base_path
-        self.save_full_model = save_full_model
         self.force_base_model = force_base_model
         self._staging_root: str | None = None
 
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each rank may hold only a shard of each weight (FSDP, DeepSpeed)."""
+        return self.is_fsdp_enabled or self.is_deepspeed_enabled
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Under FSDP / DeepSpeed, `state_dict` is the whole model's, gathered by every rank before this call.
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model)
-        outputs.save_outputs(model, output_dir, self.base_config, self.base_path, self.processing_class)
-        if self.save_full_model:
-            model.save_pretrained(Path(output_dir) / "full_model")
+        outputs.save_outputs(model, output_dir, self.base_config, self.base_path, self.processing_class, state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _get_output_dir(self, trial) -> str:
@@ -162,10 +170,49 @@ class InternVLTrainer(Trainer):
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = self.accelerator.unwrap_model(model or self.model)
         manifest = outputs.read_manifest(resume_from_checkpoint)
         outputs.check_base(manifest, resume_from_checkpoint, self.base_config, self.force_base_model)
-        outputs.load_outputs_into(model, resume_from_checkpoint)
+        if self.is_fsdp_enabled:
+            # Sharded weights: HF reads the FSDP checkpoint its _save_checkpoint wrote beside our outputs.
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        outputs.load_outputs_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+
+def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """Fail before the model loads when a file the run needs is missing: model, meta file, its JSONL, checkpoint."""
+    model_path = model_args.model_name_or_path
+    if model_path is not None and not os.path.isdir(model_path):
+        raise FileNotFoundError(
+            f"--model_name_or_path {model_path}: no such folder. Weights are never downloaded here: fetch the "
+            "checkpoint first (e.g. `huggingface-cli download OpenGVLab/InternVL2_5-8B --local-dir DIR`) and pass DIR"
+        )
+    meta_path = data_args.meta_path
+    if meta_path is None:
+        raise ValueError("--meta_path is required: the meta JSON naming the training JSONL files")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"--meta_path {meta_path}: no such file")
+    for spec in read_meta(meta_path):
+        if not os.path.isfile(spec.annotation):
+            raise FileNotFoundError(f"{meta_path}: dataset {spec.name!r}: annotation file {spec.annotation} not found")
+    resume = training_args.resume_from_checkpoint
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
+
+
+def check_sharding(trainer: InternVLTrainer, model_args: ModelArguments) -> None:
+    """Refuse an --fsdp that accelerate would drop without a word, and --save_full_model of sharded weights."""
+    args = trainer.args
+    if args.fsdp and not (trainer.is_fsdp_enabled or trainer.is_fsdp_xla_enabled):
+        raise ValueError(
+            f"--fsdp: accelerate does not apply FSDP to this {trainer.accelerator.distributed_type.value} run, only to "
+            "several GPUs (or NPUs, XPUs) started by torchrun or accelerate launch; drop --fsdp for plain DDP"
+        )
+    if model_args.save_full_model and trainer.shards_parameters:
+        raise ValueError(
+            "--save_full_model merges the whole model in one process, which --fsdp / --deepspeed shard; merge "
+            f"afterwards instead: internvl-lora merge {trainer.base_path or 'BASE'} OUT --adapter {args.output_dir}"
+        )
 
 
 def trainable_digest(model: torch.nn.Module) -> str:
@@ -203,13 +250,14 @@ class FinetuneResult:
 
 def finetune(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
              model: InternVLChatModel | None = None, tokenizer=None) -> FinetuneResult:
-    """Train per the arguments and write adapters, tokenizer, manifest and loss curve to `output_dir`.
+    """Train per the arguments; write adapters, tokenizer, manifest, loss curve (and the merged model) to output_dir.
 
     `model` / `tokenizer` may be passed in (the demo builds its own); otherwise both load from
     `model_args.model_name_or_path`.
     """
     set_seed(training_args.seed)
     base_path = model_args.model_name_or_path
+    check_inputs(model_args, data_args, training_args)
     if model is None:
         if base_path is None:
             raise ValueError("--model_name_or_path is required (or run `internvl-lora demo`)")
@@ -217,8 +265,6 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         config.vision_config.drop_path_rate = model_args.drop_path_rate
         model = InternVLChatModel.from_pretrained(base_path, config=config, torch_dtype=_compute_dtype(training_args))
         tokenizer = load_tokenizer(base_path, data_args.max_seq_length)
-    if data_args.meta_path is None:
-        raise ValueError("--meta_path is required: the meta JSON naming the training JSONL files")
     base_config = model.config.to_dict()
     model = prepare_model(model, tokenizer, model_args, data_args)
     train_dataset = build_datasets(
@@ -243,19 +289,26 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
-        save_full_model=model_args.save_full_model,
         force_base_model=model_args.force_base_model,
     )
+    check_sharding(trainer, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    check_ranks_agree(model)
+    if trainer.shards_parameters:
+        logger.info("weights sharded across ranks (FSDP / DeepSpeed): no per-rank copies to compare")
+    else:
+        check_ranks_agree(model)
     trainer.save_model(training_args.output_dir)
     if hasattr(train_dataset, "skip_report"):
         train_dataset.skip_report()
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     output_dir = Path(training_args.output_dir)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
     if trainer.args.should_save and losses:
         write_loss_curve(losses, output_dir / "loss_curve.png")
         (output_dir / "loss_history.json").write_text(json.dumps(losses) + "\n")
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if trainer.args.should_save and model_args.save_full_model:
+        # Training switched the LLM's KV cache off; a model for inference wants the base model's setting back.
+        model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
+        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, tokenizer, base_path)
     return FinetuneResult(output_dir, losses, trainable, total)

@@ -6,6 +6,7 @@ An output folder (the final one and every `checkpoint-N`) holds
 - `trained_weights.safetensors`: weights trained outside LoRA (projector, unfrozen ViT layers), official names;
 - the tokenizer files;
 - `manifest.json`: the base model (path and a hash of its config) and the ranks, checked on every load.
+With `--save_full_model`, the final folder also holds `full_model/`: the merged model in the official format.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from internvl import __version__
+from internvl import __version__, checkpoint
 
 MANIFEST = "manifest.json"
 TRAINED_WEIGHTS = "trained_weights.safetensors"
+FULL_MODEL = "full_model"  # the merged model, official format (--save_full_model)
 ADAPTER_DIRS = {"language_model": "llm_adapter", "vision_model": "vision_adapter"}
 _RANK_FIELDS = {"language_model": "use_llm_lora", "vision_model": "use_backbone_lora"}
 
@@ -34,27 +36,37 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def trained_non_lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters that are not LoRA weights, under their names in `model`."""
+def trained_non_lora_weights(model: torch.nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Trainable parameters that are not LoRA weights, under their names in `model`; values from `state_dict`."""
+    weights = dict(model.named_parameters()) if state_dict is None else state_dict
     return {
-        name: param.detach()
+        name: weights[name].detach()
         for name, param in model.named_parameters()
         if param.requires_grad and "lora_" not in name and "modules_to_save" not in name
     }
 
 
-def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path: str | None, tokenizer=None) -> None:
-    """Write the adapters, other trained weights, tokenizer and manifest of `model` into `folder`."""
+def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path: str | None, tokenizer=None,
+                 state_dict: dict | None = None) -> None:
+    """Write the adapters, other trained weights, tokenizer and manifest of `model` into `folder`.
+
+    `state_dict` (the whole model's, keyed as `model.state_dict()`) replaces the model's own weights: FSDP and
+    DeepSpeed ZeRO-3 leave each rank only a shard of every parameter, and the Trainer gathers the whole state dict.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parts = {}
     for part, subdir in ADAPTER_DIRS.items():
         module = getattr(model, part)
         if isinstance(module, PeftModel):
-            module.save_pretrained(folder / subdir)
+            prefix = f"{part}."
+            part_state = None if state_dict is None else {
+                key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)
+            }
+            module.save_pretrained(folder / subdir, state_dict=part_state)
             config = module.peft_config["default"]
             parts[part] = {"adapter": subdir, "r": config.r, "lora_alpha": config.lora_alpha}
-    extra = trained_non_lora_weights(model)
+    extra = trained_non_lora_weights(model, state_dict)
     if extra:
         save_file({k: v.contiguous().cpu() for k, v in extra.items()}, folder / TRAINED_WEIGHTS)
     if tokenizer is not None:
@@ -69,6 +81,20 @@ def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path:
         "template": model.template,
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def save_merged_model(model, folder: str | os.PathLike, tokenizer=None, base_path: str | None = None) -> None:
+    """Fold `model`'s LoRA adapters into its weights (in place) and write it to `folder` in the official format.
+
+    The tokenizer and the base model's companion files (generation config, official code) go along, so the
+    folder is a complete checkpoint for `chat`, `merge` or the official code.
+    """
+    model.merge_lora()
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if base_path is not None:
+        checkpoint.copy_companion_files(base_path, folder)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
