@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def trained(tmp_path_factory):
         "--logging_steps", "1", "--save_full_model", "True", "--use_cpu", "True", "--output_dir", str(out),
     )  # no --report_to: TensorBoard by default
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "finetune.log").write_text(result.stdout + result.stderr)
     return root, base, out, data
 
 
@@ -254,7 +256,8 @@ def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
          "--force_image_size", "56", "--max_dynamic_patch", "1", "--freeze_llm", "True", "--freeze_backbone", "True",
          "--freeze_mlp", "True", "--use_llm_lora", "4", "--max_steps", "3", "--per_device_train_batch_size", "2",
          "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out)],
-        capture_output=True, text=True, timeout=600,
+        # GPUs hidden: with one visible, accelerate's gloo barrier on rank 1 asks for CUDA device 1
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Searched in the whole output: the two ranks' prints may interleave within a line.
@@ -265,7 +268,6 @@ def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
 
 
 def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(trained, tmp_path):
-    import os
     import signal
     import time
 
@@ -358,3 +360,29 @@ def test_outputs_written_from_a_gathered_state_dict_equal_those_written_from_the
         assert expected.keys() == actual.keys() and expected
         for key in expected:
             assert torch.equal(expected[key], actual[key]), key
+
+
+def test_on_the_cpu_the_llm_lora_trains_through_peft_and_says_why(trained):
+    log = (trained[0] / "finetune.log").read_text()
+    assert "Fast LoRA off, training runs PEFT's own layers: parameters are on cpu" in log
+    assert "fused fast path" not in log
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path runs on CUDA")
+def test_on_cuda_the_llm_lora_trains_on_the_fused_path_into_a_standard_adapter(trained, tmp_path):
+    root, base, _, _ = trained
+    out = tmp_path / "cuda"
+    result = cli(
+        "finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style",
+        "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1", "--freeze_llm", "True",
+        "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4", "--recompute_mlp_only", "True",
+        "--bf16", "True", "--max_steps", "3", "--learning_rate", "1e-2", "--report_to", "none",
+        "--output_dir", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "LLM LoRA on the fused fast path" in result.stdout
+    assert re.search(r"LLM layers: 0 kept, \d+ MLP-recomputed", result.stdout)
+    llm = InternVLChatModel.from_pretrained(base).language_model
+    adapted = PeftModel.from_pretrained(llm, out / "llm_adapter")
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)

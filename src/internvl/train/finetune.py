@@ -25,6 +25,13 @@ from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.data.dataset import build_datasets
 from internvl.data.reading import read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
+from internvl.lora.fused import (
+    CheckpointPlan,
+    FastLoRA,
+    checkpointable_layers,
+    maybe_enable_fast_lora,
+    set_checkpointed_layers,
+)
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from internvl.model.projector import num_image_tokens
 from internvl.train import outputs
@@ -215,6 +222,28 @@ def check_sharding(trainer: InternVLTrainer, model_args: ModelArguments) -> None
         )
 
 
+def enable_fast_path(trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments) -> FastLoRA | None:
+    """Put the LLM's LoRA on the fused path where it applies (CUDA, no sharding); None, with the reason, elsewhere.
+
+    Call after the Trainer has placed the model on its device. `--recompute_mlp_only` then trades whole-layer
+    checkpointing for recomputing only each MLP's gate and up outputs.
+    """
+    if not (model_args.fast_lora and model_args.use_llm_lora):
+        return None
+    if trainer.shards_parameters:
+        logger.warning("Fast LoRA off under FSDP / DeepSpeed (sharded weights): PEFT's own layers train the LLM")
+        return None
+    handle = maybe_enable_fast_lora(model.language_model)
+    if handle is None:
+        return None
+    print(f"LLM LoRA on the fused fast path: {handle}")
+    if model_args.grad_checkpoint and model_args.recompute_mlp_only:
+        layers = len(checkpointable_layers(model.language_model))
+        set_checkpointed_layers(model.language_model, keep=0, recompute_mlp=layers)
+        print(f"LLM layers: {CheckpointPlan(0, layers)}")
+    return handle
+
+
 def trainable_digest(model: torch.nn.Module) -> str:
     """A SHA-256 of every trainable weight's bytes: equal digests mean identical adapters."""
     digest = hashlib.sha256()
@@ -292,7 +321,10 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         force_base_model=model_args.force_base_model,
     )
     check_sharding(trainer, model_args)
+    fast = enable_fast_path(trainer, model, model_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if fast is not None:
+        fast.restore()
     if trainer.shards_parameters:
         logger.info("weights sharded across ranks (FSDP / DeepSpeed): no per-rank copies to compare")
     else:
