@@ -187,3 +187,11 @@ def test_fused_expert_lora_refuses_dropout_with_a_clear_message():
     model = build_model("Qwen3MoeForCausalLM")
     with pytest.raises(ValueError, match="no dropout; pass lora_dropout=0"):
         model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=0.05)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_no_split_modules_name_exactly_the_layer_classes_the_model_holds(arch):
+    # FSDP's auto-wrap (accelerate) raises on a listed class that the model does not hold
+    model = build_model(arch)
+    held = {type(module).__name__ for module in model.modules()}
+    assert len(model._no_split_modules) == 2 and set(model._no_split_modules) <= held

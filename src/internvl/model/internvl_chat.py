@@ -42,9 +42,7 @@ class InternVLChatModel(PreTrainedModel):
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["InternVisionEncoderLayer", "InternLM2DecoderLayer", "LlamaDecoderLayer",
-                         "Qwen2DecoderLayer", "Phi3DecoderLayer", "Qwen3DecoderLayer", "Qwen3MoeDecoderLayer",
-                         "GptOssDecoderLayer"]
+    _no_split_modules = ["InternVisionEncoderLayer"]  # and the LLM's decoder layer, set per instance
 
     def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None):
         super().__init__(config)
@@ -58,6 +56,8 @@ class InternVLChatModel(PreTrainedModel):
         )
         self.vision_model = vision_model or InternVisionModel(config.vision_config)
         self.language_model = language_model or resolve(self.arch.model_class)(config.llm_config)
+        # Only classes the model holds: FSDP's auto-wrap (and device maps) refuse a listed class they cannot find.
+        self._no_split_modules = ["InternVisionEncoderLayer", *(self.language_model._no_split_modules or [])]
         self.mlp1 = build_mlp1(
             config.vision_config.hidden_size, config.llm_config.hidden_size, config.downsample_ratio
         )
