@@ -21,6 +21,7 @@ from internvl.lora.fused import (
     RMSNormFunction,
     RotaryFunction,
     apply_rotary_pos_emb,
+    checkpointable_layers,
     dropout_mask,
     enable_fast_lora,
     fit_checkpointing,
@@ -377,3 +378,30 @@ def test_dropout_kernels_apply_the_mask_of_dropout_mask(rank):
     torch.testing.assert_close(kernels.lora_a_grad(dh, x, 0.3, 9), dh32.t() @ (x32 * mask32), **loose)
     torch.testing.assert_close(kernels.add_lora_input_grad(dh, lora_a, 0.3, 9, base).float(),
                                base.float() + (dh32 @ a32) * mask32, **loose)
+
+
+@pytest.mark.parametrize("arch", ["InternLM2ForCausalLM", "Qwen2ForCausalLM"])
+def test_whole_internvl_step_on_the_fused_path_gets_peft_gradients(arch, tokenizer):
+    """What `finetune` does on CUDA, on the CPU: the official LoRA recipe's model, an image sample, MLP recompute."""
+    from tests.builders import build_batch, build_model
+
+    model = build_model(arch).train()
+    model.requires_grad_(False)
+    model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, verbose=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.language_model.enable_input_require_grads()
+    batch = build_batch(model, tokenizer)
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = lora_grads(model)
+    model.zero_grad()
+
+    llm = model.language_model
+    with enable_fast_lora(llm):
+        set_checkpointed_layers(llm, keep=0, recompute_mlp=len(checkpointable_layers(llm)))
+        loss = model(**batch).loss
+        loss.backward()
+    torch.testing.assert_close(loss, ref, **TIGHT)
+    assert ref_grads
+    for name, grad in lora_grads(model).items():
+        torch.testing.assert_close(grad, ref_grads[name], **TIGHT, msg=name)
