@@ -22,6 +22,33 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "internvl.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+def torchrun(processes: int, *args: str, cpu: bool) -> subprocess.CompletedProcess:
+    """`internvl-lora ARGS` in `processes` processes started by torch.distributed.run; GPUs hidden when `cpu`
+    (with one visible, accelerate's gloo barrier on rank 1 asks for CUDA device 1)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""} if cpu else None
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "internvl.cli",
+         *args, *(["--use_cpu", "True"] if cpu else [])],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+
+
+def assert_trained_adapter(base, out) -> None:
+    """`out` holds an LLM adapter that plain PEFT loads onto the base LLM, every LoRA-B trained away from zero
+    (PEFT starts B at zero)."""
+    llm = InternVLChatModel.from_pretrained(base).language_model
+    adapted = PeftModel.from_pretrained(llm, out / "llm_adapter")
+    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
+def lora_recipe(root, base) -> list[str]:
+    """`finetune` arguments of the official LoRA recipe on the `trained` fixture's tiny model and data."""
+    return ["finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style",
+            "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1", "--freeze_llm", "True",
+            "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from internvl.tiny import tiny_tokenizer
@@ -56,11 +83,7 @@ def test_finetune_writes_standard_peft_adapters_tokenizer_manifest_and_loss_curv
     assert (out / "loss_curve.png").stat().st_size > 1000
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_model"] == str(base) and manifest["lora"]["language_model"]["r"] == 4
-    # Plain PEFT loads the adapter onto the base language model.
-    llm = InternVLChatModel.from_pretrained(base).language_model
-    adapted = PeftModel.from_pretrained(llm, out / "llm_adapter")
-    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # trained: B starts at zero
+    assert_trained_adapter(base, out)
 
 
 def test_finetune_logs_the_training_loss_to_tensorboard_by_default(trained):
@@ -234,12 +257,10 @@ def test_a_bad_input_gives_one_clear_error_naming_it(trained, tmp_path, capsys, 
 
 def test_fsdp_on_the_cpu_is_refused_rather_than_silently_trained_as_ddp(trained, tmp_path):
     root, base, _, _ = trained
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "internvl.cli", "finetune",
-         "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style", "internvl2_5",
-         "--force_image_size", "56", "--max_dynamic_patch", "1", "--use_llm_lora", "4", "--max_steps", "1",
-         "--fsdp", "full_shard auto_wrap", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+    result = torchrun(
+        2, "finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style",
+        "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1", "--use_llm_lora", "4", "--max_steps",
+        "1", "--fsdp", "full_shard auto_wrap", "--report_to", "none", "--output_dir", str(tmp_path), cpu=True,
     )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("internvl-lora finetune: error:")]
@@ -250,15 +271,8 @@ def test_fsdp_on_the_cpu_is_refused_rather_than_silently_trained_as_ddp(trained,
 def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
     root, base, _, _ = trained
     out = tmp_path / "ddp"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "internvl.cli", "finetune",
-         "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style", "internvl2_5",
-         "--force_image_size", "56", "--max_dynamic_patch", "1", "--freeze_llm", "True", "--freeze_backbone", "True",
-         "--freeze_mlp", "True", "--use_llm_lora", "4", "--max_steps", "3", "--per_device_train_batch_size", "2",
-         "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out)],
-        # GPUs hidden: with one visible, accelerate's gloo barrier on rank 1 asks for CUDA device 1
-        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
+    result = torchrun(2, *lora_recipe(root, base), "--max_steps", "3", "--per_device_train_batch_size", "2",
+                      "--report_to", "none", "--output_dir", str(out), cpu=True)
     assert result.returncode == 0, result.stderr[-3000:]
     # Searched in the whole output: the two ranks' prints may interleave within a line.
     reports = re.findall(r"rank (\d): all 2 ranks hold identical trainable weights \(sha256 (\w+)\)", result.stdout)
@@ -372,17 +386,35 @@ def test_on_the_cpu_the_llm_lora_trains_through_peft_and_says_why(trained):
 def test_on_cuda_the_llm_lora_trains_on_the_fused_path_into_a_standard_adapter(trained, tmp_path):
     root, base, _, _ = trained
     out = tmp_path / "cuda"
-    result = cli(
-        "finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style",
-        "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1", "--freeze_llm", "True",
-        "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
-        "--bf16", "True", "--max_steps", "3", "--learning_rate", "1e-2", "--report_to", "none",
-        "--output_dir", str(out),
-    )
+    result = cli(*lora_recipe(root, base), "--bf16", "True", "--max_steps", "3", "--learning_rate", "1e-2",
+                 "--report_to", "none", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LLM LoRA on the fused fast path" in result.stdout
     assert re.search(r"LLM layers: 0 kept, \d+ MLP-recomputed", result.stdout)
-    llm = InternVLChatModel.from_pretrained(base).language_model
-    adapted = PeftModel.from_pretrained(llm, out / "llm_adapter")
-    lora_b = [p for n, p in adapted.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    assert_trained_adapter(base, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate applies FSDP to GPU runs only")
+def test_fsdp_on_a_gpu_writes_a_standard_adapter(trained, tmp_path):
+    root, base, _, _ = trained
+    result = torchrun(1, *lora_recipe(root, base), "--fsdp", "full_shard auto_wrap", "--bf16", "True",
+                      "--max_steps", "2", "--save_steps", "1", "--learning_rate", "1e-2", "--report_to", "none",
+                      "--output_dir", str(tmp_path), cpu=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Fast LoRA off under FSDP" in result.stderr
+    assert (tmp_path / "checkpoint-1" / "llm_adapter" / "adapter_model.safetensors").is_file()
+    assert_trained_adapter(base, tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed runs on GPUs, and needs the deepspeed package")
+def test_deepspeed_zero2_on_a_gpu_writes_a_standard_adapter(trained, tmp_path):
+    root, base, _, _ = trained
+    config = tmp_path / "zero2.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
+                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    out = tmp_path / "run"
+    result = torchrun(1, *lora_recipe(root, base), "--deepspeed", str(config), "--bf16", "True", "--max_steps", "2",
+                      "--learning_rate", "1e-2", "--report_to", "none", "--output_dir", str(out), cpu=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_trained_adapter(base, out)
