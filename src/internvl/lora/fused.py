@@ -155,8 +155,11 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 def _use_kernels(x: torch.Tensor, p: float) -> bool:
     # The Triton products draw the mask as they read x (see internvl.lora.kernels); elsewhere the mask is a pass
     # of its own. They multiply 16-bit inputs: float32 training keeps torch's exact float32 products.
-    return (p != 0.0 and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.is_contiguous()
-            and x.shape[-1] % 4 == 0 and x.numel() < 2**31)
+    if p == 0.0 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from internvl.lora.kernels import supports
+
+    return supports(x)
 
 
 def _lora_a_product(x2, lora_a, p: float, seed: int):
