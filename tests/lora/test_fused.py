@@ -15,8 +15,8 @@ from internvl.archs import llm_arch, resolve
 from internvl.lora.fused import (
     CheckpointPlan,
     GatedLoraA,
+    LinearLora,
     LinearLoraB,
-    LoraLinears,
     Projection,
     RMSNormFunction,
     RotaryFunction,
@@ -96,35 +96,30 @@ def test_dropout_mask_depends_on_the_seed_alone(device):
     assert not torch.equal(dropout_mask(like, 0.25, seed=8), mask)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
-def test_grouped_lora_linears_match_peft_with_the_same_dropout_masks(device):
+def test_lora_linear_matches_peft_with_the_same_dropout_mask(device, bias):
     torch.manual_seed(0)
-    block = nn.ModuleDict({"gate": nn.Linear(16, 24), "up": nn.Linear(16, 24, bias=False)})
-    peft = get_peft_model(block, LoraConfig(r=4, lora_alpha=12, lora_dropout=0.3, target_modules=["gate", "up"]))
+    peft = get_peft_model(nn.Sequential(nn.Linear(16, 24, bias=bias)),
+                          LoraConfig(r=4, lora_alpha=12, lora_dropout=0.3, target_modules=["0"]))
     randomize_lora(peft)
-    peft.to(device)
-    x = torch.randn(3, 5, 16, device=device, requires_grad=True)
-    seeds = (11, 12)
-    layers = [peft.base_model.model[name] for name in ("gate", "up")]
-    for layer, seed in zip(layers, seeds):
-        layer.lora_dropout["default"] = FixedMask(dropout_mask(x.reshape(-1, 16), 0.3, seed), 0.3)
-    weights = torch.randn(2, 3, 5, 24, device=device)
+    peft.to(device, torch.float64)  # float64: the two sides sum in different orders
+    layer = peft.base_model.model[0]
+    x = torch.randn(3, 5, 16, device=device, dtype=torch.float64, requires_grad=True)
+    layer.lora_dropout["default"] = FixedMask(dropout_mask(x.reshape(-1, 16), 0.3, 11), 0.3)
+    weight = torch.randn(3, 5, 24, device=device, dtype=torch.float64)
 
-    ref = [layer(x) for layer in layers]
-    (sum((w * y).sum() for w, y in zip(weights, ref))).backward()
+    ref = layer(x)
+    (weight * ref).sum().backward()
     ref_dx, ref_grads = x.grad.clone(), lora_grads(peft)
     x.grad = None
     peft.zero_grad()
 
-    projections = tuple(
-        Projection(l.base_layer.weight, l.base_layer.bias, l.scaling["default"], 0.3) for l in layers
-    )
-    params = [p for l in layers for p in (l.lora_A["default"].weight, l.lora_B["default"].weight)]
-    out = LoraLinears.apply(x, projections, seeds, *params)
-    (sum((w * y).sum() for w, y in zip(weights, out))).backward()
+    proj = Projection(layer.base_layer.weight, layer.base_layer.bias, layer.scaling["default"], 0.3)
+    out = LinearLora.apply(x, proj, 11, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    (weight * out).sum().backward()
 
-    for y, y_ref in zip(out, ref):
-        torch.testing.assert_close(y, y_ref, **TIGHT)
+    torch.testing.assert_close(out, ref, **TIGHT)
     torch.testing.assert_close(x.grad, ref_dx, **TIGHT)
     for name, grad in lora_grads(peft).items():
         torch.testing.assert_close(grad, ref_grads[name], **TIGHT)

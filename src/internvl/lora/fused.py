@@ -152,32 +152,31 @@ def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return _dropped(torch.ones_like(like), p, seed)
 
 
-def _use_kernels(x: torch.Tensor, p: float) -> bool:
-    # The Triton products draw the mask as they read x (see internvl.lora.kernels); elsewhere the mask is a pass
-    # of its own. They multiply 16-bit inputs: float32 training keeps torch's exact float32 products.
-    if p == 0.0 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    from internvl.lora.kernels import supports
+def _kernels_for(x: torch.Tensor, p: float):
+    """`internvl.lora.kernels` when its dropout-fused products take x, else None.
 
-    return supports(x)
+    They draw the mask as they read x; elsewhere the mask is a pass of its own. They multiply 16-bit inputs:
+    float32 training keeps torch's exact float32 products.
+    """
+    if p == 0.0 or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    from internvl.lora import kernels  # imports triton: CUDA only
+
+    return kernels if kernels.supports(x) else None
 
 
 def _lora_a_product(x2, lora_a, p: float, seed: int):
     """drop(x2) A^T (no 1/(1-p)) for x2 [N, in], in x2's dtype."""
     lora_a = lora_a.to(x2.dtype)
-    if _use_kernels(x2, p):
-        from internvl.lora.kernels import lora_a_product
-
-        return lora_a_product(x2, lora_a, p, seed)
+    if kernels := _kernels_for(x2, p):
+        return kernels.lora_a_product(x2, lora_a, p, seed)
     return (x2 if p == 0.0 else _dropped(x2, p, seed)) @ lora_a.t()
 
 
 def _lora_a_grad(dh, x2, p: float, seed: int):
     """dh^T drop(x2) (no 1/(1-p)): the gradient of A, [r, in]."""
-    if _use_kernels(x2, p):
-        from internvl.lora.kernels import lora_a_grad
-
-        return lora_a_grad(dh, x2, p, seed)
+    if kernels := _kernels_for(x2, p):
+        return kernels.lora_a_grad(dh, x2, p, seed)
     return dh.t() @ (x2 if p == 0.0 else _dropped(x2, p, seed))
 
 
@@ -186,22 +185,23 @@ def _add_lora_input_grad(dh, lora_a, p: float, seed: int, base, out=None):
     lora_a = lora_a.to(dh.dtype)
     if p == 0.0:
         return base.addmm_(dh, lora_a) if out is base else torch.addmm(base, dh, lora_a, out=out)
-    if _use_kernels(base, p):
-        from internvl.lora.kernels import add_lora_input_grad
-
-        return add_lora_input_grad(dh, lora_a, p, seed, base, out)
+    if kernels := _kernels_for(base, p):
+        return kernels.add_lora_input_grad(dh, lora_a, p, seed, base, out)
     lora = _dropped(dh @ lora_a, p, seed)
     return torch.add(base, lora, out=out)
 
 
+def _base_plus_lora_b(x2, proj: Projection, h, lora_b):
+    """x2 W^T + b + scale * h B^T: the frozen base output with the adapter's low-rank update added in place."""
+    return F.linear(x2, proj.weight, proj.bias).addmm_(h, lora_b.to(x2.dtype).t(), alpha=proj.scale)
+
+
 def _lora_forward(x2, proj: Projection, seed, lora_a, lora_b):
     """Base output with the adapter's update added in place, and the rank-r intermediate h backward needs."""
-    y = F.linear(x2, proj.weight, proj.bias)  # [N, out]
     h = _lora_a_product(x2, lora_a, proj.dropout, seed)  # [N, r]
     if proj.dropout:
         h.mul_(1.0 / (1.0 - proj.dropout))  # inverted dropout's scale, on the small tensor
-    y.addmm_(h, lora_b.to(y.dtype).t(), alpha=proj.scale)
-    return y, h
+    return _base_plus_lora_b(x2, proj, h, lora_b), h  # [N, out]
 
 
 def _lora_backward(x2, dy2, h, proj: Projection, seed, lora_a, lora_b, dx2, need_dx: bool):
@@ -234,44 +234,26 @@ def _saved_input(ctx, saved: torch.Tensor) -> torch.Tensor:
     return saved.reshape(-1, saved.shape[-1])
 
 
-class LoraLinears(torch.autograd.Function):
-    """`y_i = x W_i^T + b_i + scale_i * drop_i(x) A_i^T B_i^T` for projections i that share the input x.
+class LinearLora(torch.autograd.Function):
+    """`y = x W^T + b + scale * drop(x) A^T B^T` for a frozen linear layer and its LoRA adapter.
 
-    Arguments: x, a tuple of `Projection`s, a tuple of dropout seeds, then `A_0, B_0, A_1, B_1, ...` (the
-    adapters' parameters; only these and x get gradients). Saves x and each rank-r intermediate.
+    Arguments: x, the `Projection`, the dropout seed, A, B (only x and the adapter get gradients). Saves x (or
+    the norm input it came from) and the rank-r intermediate.
     """
 
     @staticmethod
-    def forward(ctx, x, projections, seeds, *lora):
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        outputs, hs = [], []
-        for proj, seed, lora_a, lora_b in zip(projections, seeds, lora[0::2], lora[1::2]):
-            y, h = _lora_forward(x2, proj, seed, lora_a, lora_b)
-            outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
-            hs.append(h)
-        ctx.save_for_backward(_input_to_save(ctx, x), *hs, *lora)
-        ctx.projections, ctx.seeds, ctx.x_shape = projections, seeds, x.shape
-        ctx.set_materialize_grads(False)
-        return tuple(outputs)
+    def forward(ctx, x, proj, seed, lora_a, lora_b):
+        y, h = _lora_forward(x.reshape(-1, x.shape[-1]), proj, seed, lora_a, lora_b)
+        ctx.save_for_backward(_input_to_save(ctx, x), h, lora_a, lora_b)
+        ctx.proj, ctx.seed, ctx.x_shape = proj, seed, x.shape
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, *grads):
-        saved, *rest = ctx.saved_tensors
-        x2 = _saved_input(ctx, saved)
-        count = len(ctx.projections)
-        hs, lora = rest[:count], rest[count:]
-        dx2, lora_grads = None, []
-        for i, (proj, seed, dy) in enumerate(zip(ctx.projections, ctx.seeds, grads)):
-            if dy is None:  # this output was not used
-                lora_grads += [None, None]
-                continue
-            dx2, grad_a, grad_b = _lora_backward(
-                x2, dy.reshape(-1, dy.shape[-1]), hs[i], proj, seed, lora[2 * i], lora[2 * i + 1], dx2,
-                ctx.needs_input_grad[0],
-            )
-            lora_grads += [grad_a, grad_b]
-        dx = None if dx2 is None else dx2.view(ctx.x_shape)
-        return dx, None, None, *lora_grads
+    def backward(ctx, dy):
+        saved, h, lora_a, lora_b = ctx.saved_tensors
+        dx2, grad_a, grad_b = _lora_backward(_saved_input(ctx, saved), dy.reshape(-1, dy.shape[-1]), h, ctx.proj,
+                                             ctx.seed, lora_a, lora_b, None, ctx.needs_input_grad[0])
+        return None if dx2 is None else dx2.view(ctx.x_shape), None, None, grad_a, grad_b
 
 
 class GatedLoraA(torch.autograd.Function):
@@ -308,9 +290,8 @@ class GatedLoraA(torch.autograd.Function):
         x2 = _saved_input(ctx, saved)
         if ctx.recompute:
             gate_a, gate_b, up_a, up_b, down_a = rest
-            gate = F.linear(x2, gate_proj.weight, gate_proj.bias).addmm_(
-                gate_h, gate_b.to(x2.dtype).t(), alpha=gate_proj.scale)
-            up = F.linear(x2, up_proj.weight, up_proj.bias).addmm_(up_h, up_b.to(x2.dtype).t(), alpha=up_proj.scale)
+            gate = _base_plus_lora_b(x2, gate_proj, gate_h, gate_b)  # bitwise the forward's outputs
+            up = _base_plus_lora_b(x2, up_proj, up_h, up_b)
         else:
             gate, up, gate_a, gate_b, up_a, up_b, down_a = rest
         p = down_proj.dropout
@@ -342,9 +323,7 @@ class LinearLoraB(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, proj, lora_b):
-        x2 = x.view(-1, x.shape[-1])
-        y = F.linear(x2, proj.weight, proj.bias)  # [N, out]
-        y.addmm_(h, lora_b.to(y.dtype).t(), alpha=proj.scale)
+        y = _base_plus_lora_b(x.view(-1, x.shape[-1]), proj, h, lora_b)  # [N, out]
         ctx.h, ctx.lora_b, ctx.proj, ctx.x_shape = h, lora_b, proj, x.shape
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -496,8 +475,7 @@ def _fused_lora_forward(module: LoraLinear, original):
         if _runs_peft(module) or args or kwargs:
             return original(x, *args, **kwargs)
         proj, lora_a, lora_b = _lora_parts(module)
-        (y,) = LoraLinears.apply(x, (proj,), (_seed(),), lora_a, lora_b)
-        return y
+        return LinearLora.apply(x, proj, _seed(), lora_a, lora_b)
 
     return forward
 
