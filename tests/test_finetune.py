@@ -121,8 +121,11 @@ def test_save_full_model_writes_the_merged_model_in_the_official_format(trained,
 
     _, base, out, _ = trained
     full = out / "full_model"
-    assert json.loads((full / "config.json").read_text())["use_llm_lora"] == 0
+    config, base_config = (json.loads((folder / "config.json").read_text()) for folder in (full, base))
+    assert config["use_llm_lora"] == 0
+    assert config["llm_config"]["use_cache"] == base_config["llm_config"]["use_cache"] is True  # not training's
     assert (full / "tokenizer.json").is_file()
+
     def weight_names(folder) -> set[str]:
         with safe_open(folder / "model.safetensors", "pt") as weights:
             return set(weights.keys())
@@ -344,6 +347,17 @@ def test_unfreeze_lm_head_really_trains_the_head_and_the_adapter_carries_it(toke
     assert any("output.modules_to_save" in n for n in trainable)  # InternLM2's head is `output`
     assert all("lora_" in n or "output.modules_to_save" in n for n in trainable)
     assert model.language_model.peft_config["default"].modules_to_save == ["output"]
+
+
+@pytest.mark.parametrize("arch, dropout", [("Qwen3MoeForCausalLM", 0.0), ("Qwen2ForCausalLM", 0.05)])
+def test_the_official_recipe_wraps_every_llm_with_the_dropout_peft_allows_it(tokenizer, arch, dropout):
+    from internvl.train.args import DataArguments, ModelArguments
+    from internvl.train.finetune import prepare_model
+
+    model = build_model(arch, template="internvl2_5")
+    prepare_model(model, tokenizer, ModelArguments(freeze_llm=True, freeze_backbone=True, use_llm_lora=4),
+                  DataArguments(conv_style="internvl2_5", force_image_size=56))
+    assert model.language_model.peft_config["default"].lora_dropout == dropout
 
 
 def test_outputs_written_from_a_gathered_state_dict_equal_those_written_from_the_model(tokenizer, tmp_path):

@@ -31,21 +31,15 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     """`merge INPUT OUTPUT`: fold every LoRA adapter into the weights and save in the official format."""
-    from internvl import checkpoint
     from internvl.model.internvl_chat import InternVLChatModel
+    from internvl.train.outputs import load_adapter, save_merged_model
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = InternVLChatModel.from_pretrained(args.input, torch_dtype=dtype or "auto")
     if args.adapter:
-        from internvl.train.outputs import load_adapter
-
         load_adapter(model, args.adapter, force=args.force_base_model)
     ranks = (model.config.use_backbone_lora, model.config.use_llm_lora)
-    model.merge_lora()
-    model.save_pretrained(args.output)
-    copied = checkpoint.copy_companion_files(args.adapter or args.input, args.output)
-    if args.adapter:
-        copied += checkpoint.copy_companion_files(args.input, args.output)
+    copied = save_merged_model(model, args.output, args.adapter, args.input)  # the adapter's tokenizer first
     print(f"merged LoRA (backbone r={ranks[0]}, llm r={ranks[1]}) into {args.output}")
     if copied:
         print(f"copied along: {', '.join(copied)}")

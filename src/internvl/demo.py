@@ -25,7 +25,7 @@ from internvl.synthetic import read_questions, write_dataset, write_meta
 from internvl.tiny import tiny_config, tiny_tokenizer
 from internvl.train.args import DataArguments, ModelArguments
 from internvl.train.finetune import finetune
-from internvl.train.outputs import load_adapter
+from internvl.train.outputs import load_adapter, save_merged_model
 
 IMAGE_SIZE = 56
 TEMPLATE = "internvl2_5"
@@ -118,10 +118,8 @@ def run_demo(output_dir: str | Path = "demo-output", seed: int = 0, pretrain_ste
     after = _accuracy(answers, items)
 
     print("[4/4] merging the adapter and asking the merged model")
-    tuned.merge_lora()
     merged_dir = out / "merged"
-    tuned.save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
+    save_merged_model(tuned, merged_dir, base)
     merged = InternVLChatModel.from_pretrained(merged_dir).eval()
     merged_answers = _ask_all(merged, tokenizer, items)
 

@@ -48,8 +48,7 @@ def summarize(config: InternVLChatConfig, llm_lora: int = 0, backbone_lora: int 
         if backbone_lora:
             model.wrap_backbone_lora(r=backbone_lora, lora_alpha=2 * backbone_lora, verbose=False)
         if llm_lora:
-            model.wrap_llm_lora(r=llm_lora, lora_alpha=2 * llm_lora, lora_dropout=model.default_lora_dropout,
-                                verbose=False)
+            model.wrap_llm_lora(r=llm_lora, lora_alpha=2 * llm_lora, verbose=False)
     parts = {name: _count(getattr(model, name), adapters=False) for name in ("vision_model", "mlp1", "language_model")}
     arch = llm_arch(config.llm_architecture)
     targets, wrapped = {}, {}

@@ -13,11 +13,6 @@ from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from tests.builders import ARCHITECTURES, build_batch, build_model
 
 
-def lora_dropout(arch: str) -> float:
-    """The official 0.05, or 0 where PEFT adapts fused expert weights (which have no dropout)."""
-    return 0.0 if LLM_ARCHS[arch].lora_target_parameters else 0.05
-
-
 def logits_of(model, batch):
     with torch.no_grad():
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -35,7 +30,7 @@ def test_forward_gives_logits_and_a_finite_loss(arch, tokenizer):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_wrap_llm_lora_trains_exactly_the_lora_weights_of_the_table_targets(arch, capsys):
     model = build_model(arch)
-    counts = model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=lora_dropout(arch))
+    counts = model.wrap_llm_lora(r=4, lora_alpha=8)
     row = LLM_ARCHS[arch]
     # A parameter target (fused experts) is adapted on the module that owns the parameter.
     targets = row.lora_targets + tuple(t.rsplit(".", 1)[0] for t in row.lora_target_parameters)
@@ -81,7 +76,7 @@ def test_save_then_load_gives_the_same_logits_with_and_without_lora(arch, tokeni
     reloaded.img_context_token_id = model.img_context_token_id
     assert torch.equal(logits_of(reloaded, batch), logits_of(model, batch))
 
-    model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=lora_dropout(arch), init_lora_weights=False, verbose=False)
+    model.wrap_llm_lora(r=4, lora_alpha=8, init_lora_weights=False, verbose=False)
     model.save_pretrained(tmp_path / "lora")
     assert json.loads((tmp_path / "lora" / "config.json").read_text())["use_llm_lora"] == 4
     reloaded = InternVLChatModel.from_pretrained(tmp_path / "lora")
@@ -94,7 +89,7 @@ def test_save_then_load_gives_the_same_logits_with_and_without_lora(arch, tokeni
 def test_merge_gives_the_same_logits_as_the_adapted_model(arch, tokenizer):
     model = build_model(arch)
     model.wrap_backbone_lora(r=4, lora_alpha=8, init_lora_weights=False, verbose=False)
-    model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=lora_dropout(arch), init_lora_weights=False, verbose=False)
+    model.wrap_llm_lora(r=4, lora_alpha=8, init_lora_weights=False, verbose=False)
     batch = build_batch(model, tokenizer)
     adapted = logits_of(model.eval(), batch)
     model.merge_lora()
@@ -195,3 +190,11 @@ def test_no_split_modules_name_exactly_the_layer_classes_the_model_holds(arch):
     model = build_model(arch)
     held = {type(module).__name__ for module in model.modules()}
     assert len(model._no_split_modules) == 2 and set(model._no_split_modules) <= held
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_wrap_llm_lora_defaults_to_the_official_dropout_where_peft_allows_it(arch):
+    model = build_model(arch)
+    model.wrap_llm_lora(r=4, verbose=False)
+    expected = 0.0 if LLM_ARCHS[arch].lora_target_parameters else 0.05  # fused experts: PEFT has no dropout
+    assert model.language_model.peft_config["default"].lora_dropout == expected

@@ -34,6 +34,9 @@ __all__ = ["InternVLChatConfig", "InternVLChatModel", "InternVisionConfig", "Int
 _IGNORED_LOAD_OPTIONS = {"trust_remote_code", "low_cpu_mem_usage", "use_flash_attn", "use_safetensors", "revision"}
 
 
+OFFICIAL_DROPOUT = 0.05  # the official trainer's LoRA dropout
+
+
 class InternVLChatModel(PreTrainedModel):
     """An InternVL chat model. Build it from an `InternVLChatConfig` or load it with `from_pretrained(folder)`."""
 
@@ -69,13 +72,7 @@ class InternVLChatModel(PreTrainedModel):
             self.wrap_backbone_lora(r=config.use_backbone_lora, lora_alpha=2 * config.use_backbone_lora,
                                     verbose=False)
         if config.use_llm_lora:
-            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora,
-                               lora_dropout=self.default_lora_dropout, verbose=False)
-
-    @property
-    def default_lora_dropout(self) -> float:
-        """The official 0.05, or 0 for LLMs whose fused expert weights PEFT adapts without dropout."""
-        return 0.0 if self.arch.lora_target_parameters else 0.05
+            self.wrap_llm_lora(r=config.use_llm_lora, lora_alpha=2 * config.use_llm_lora, verbose=False)
 
     def _init_weights(self, module):
         # The ViT and the LLM initialise themselves; only the projector is ours.
@@ -86,15 +83,18 @@ class InternVLChatModel(PreTrainedModel):
     # ----- LoRA -------------------------------------------------------------------------------------------
 
     def wrap_llm_lora(
-        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, *, target_modules=None,
+        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float | None = None, *, target_modules=None,
         verbose: bool = True, **peft_options,
     ) -> ParamCounts:
         """Wrap the LLM in PEFT LoRA on its architecture's targets; only LoRA weights stay trainable.
 
-        `target_modules` overrides the table's targets; `peft_options` (`use_dora`, `use_rslora`,
-        `init_lora_weights`, ...) go to `peft.LoraConfig`. Sets `config.use_llm_lora = r` and returns (and
-        prints) the LLM's trainable and total parameter counts.
+        `lora_dropout` None: the official 0.05, or 0 for LLMs whose fused expert weights PEFT adapts without
+        dropout (Qwen3-MoE, GPT-OSS). `target_modules` overrides the table's targets; `peft_options`
+        (`use_dora`, `use_rslora`, `init_lora_weights`, ...) go to `peft.LoraConfig`. Sets
+        `config.use_llm_lora = r` and returns (and prints) the LLM's trainable and total parameter counts.
         """
+        if lora_dropout is None:
+            lora_dropout = 0.0 if self.arch.lora_target_parameters and target_modules is None else OFFICIAL_DROPOUT
         self.language_model = add_lora(
             self.language_model,
             self.arch.lora_targets if target_modules is None else target_modules,
@@ -110,7 +110,7 @@ class InternVLChatModel(PreTrainedModel):
         return counts
 
     def wrap_backbone_lora(
-        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = 0.05, *, target_modules=None,
+        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = OFFICIAL_DROPOUT, *, target_modules=None,
         verbose: bool = True, **peft_options,
     ) -> ParamCounts:
         """Wrap the InternViT in PEFT LoRA on `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`."""

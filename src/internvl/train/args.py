@@ -37,7 +37,11 @@ class ModelArguments:
     vision_select_layer: int = field(default=-1, metadata={"help": "ViT layer whose features feed the LLM."})
     use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank on the ViT (0: none)."})
     use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: none)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_dropout: float | None = field(
+        default=None,
+        metadata={"help": "Dropout on the LoRA path (default: the official 0.05; 0 on the LLM for Qwen3-MoE and "
+                          "GPT-OSS, whose fused expert weights PEFT adapts without dropout)."},
+    )
     unfreeze_lm_head: bool = field(default=False, metadata={"help": "Train the LLM's output head."})
     grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in ViT and LLM."})
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth rate of the ViT."})

@@ -99,7 +99,8 @@ def prepare_model(
         _freeze(model.language_model)
     if model_args.use_backbone_lora:
         r = model_args.use_backbone_lora
-        model.wrap_backbone_lora(r=r, lora_alpha=2 * r, lora_dropout=model_args.lora_dropout)
+        dropout = {} if model_args.lora_dropout is None else {"lora_dropout": model_args.lora_dropout}
+        model.wrap_backbone_lora(r=r, lora_alpha=2 * r, **dropout)
     if model_args.use_llm_lora:
         r = model_args.use_llm_lora
         extra = {"modules_to_save": [head]} if model_args.unfreeze_lm_head else {}
@@ -254,17 +255,23 @@ def trainable_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_ranks_agree(model: torch.nn.Module) -> str:
-    """Compare the trainable weights of every process of a distributed run; raise if any rank diverged."""
+def check_ranks_agree(model: torch.nn.Module, sharded: bool) -> None:
+    """Compare the trainable weights of every process of a distributed run; raise if any rank diverged.
+
+    Nothing to compare in one process, nor when FSDP / DeepSpeed leave each rank a different shard.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if sharded:
+        logger.info("weights sharded across ranks (FSDP / DeepSpeed): no per-rank copies to compare")
+        return
     digest = trainable_digest(model)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        digests = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"ranks ended with different trainable weights (digests per rank: {digests})")
-        print(f"rank {torch.distributed.get_rank()}: all {len(digests)} ranks hold identical trainable weights "
-              f"(sha256 {digest})")
-    return digest
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different trainable weights (digests per rank: {digests})")
+    print(f"rank {torch.distributed.get_rank()}: all {len(digests)} ranks hold identical trainable weights "
+          f"(sha256 {digest})")
 
 
 @dataclass
@@ -325,10 +332,9 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if fast is not None:
         fast.restore()
-    if trainer.shards_parameters:
-        logger.info("weights sharded across ranks (FSDP / DeepSpeed): no per-rank copies to compare")
-    else:
-        check_ranks_agree(model)
+    # Training switched the LLM's KV cache off; whatever is saved from here on is for inference.
+    model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
+    check_ranks_agree(model, sharded=trainer.shards_parameters)
     trainer.save_model(training_args.output_dir)
     if hasattr(train_dataset, "skip_report"):
         train_dataset.skip_report()
@@ -340,7 +346,5 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         write_loss_curve(losses, output_dir / "loss_curve.png")
         (output_dir / "loss_history.json").write_text(json.dumps(losses) + "\n")
     if trainer.args.should_save and model_args.save_full_model:
-        # Training switched the LLM's KV cache off; a model for inference wants the base model's setting back.
-        model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
-        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, tokenizer, base_path)
+        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, base_path)
     return FinetuneResult(output_dir, losses, trainable, total)

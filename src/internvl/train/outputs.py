@@ -83,18 +83,14 @@ def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path:
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def save_merged_model(model, folder: str | os.PathLike, tokenizer=None, base_path: str | None = None) -> None:
-    """Fold `model`'s LoRA adapters into its weights (in place) and write it to `folder` in the official format.
-
-    The tokenizer and the base model's companion files (generation config, official code) go along, so the
-    folder is a complete checkpoint for `chat`, `merge` or the official code.
-    """
+def save_merged_model(model, folder: str | os.PathLike, *companion_sources: str | os.PathLike | None) -> list[str]:
+    """Fold `model`'s LoRA adapters into its weights (in place), write it to `folder` in the official format, and
+    copy the tokenizer, generation config and official code from the first of `companion_sources` that has
+    each (None skipped), so the folder is a complete checkpoint. Returns the names of the files copied."""
     model.merge_lora()
     model.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    if base_path is not None:
-        checkpoint.copy_companion_files(base_path, folder)
+    return [name for source in companion_sources if source is not None
+            for name in checkpoint.copy_companion_files(source, folder)]
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:
