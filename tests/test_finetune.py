@@ -62,11 +62,9 @@ def trained(tmp_path_factory):
     meta = write_meta(root / "meta.json", {"shapes": data})
     out = root / "run"
     result = cli(
-        "finetune", "--model_name_or_path", str(base), "--meta_path", str(meta), "--conv_style", "internvl2_5",
-        "--force_image_size", "56", "--max_dynamic_patch", "1", "--dynamic_image_size", "True",
-        "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
-        "--max_steps", "4", "--save_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
-        "--logging_steps", "1", "--save_full_model", "True", "--use_cpu", "True", "--output_dir", str(out),
+        *lora_recipe(root, base), "--dynamic_image_size", "True", "--max_steps", "4", "--save_steps", "2",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1",
+        "--save_full_model", "True", "--use_cpu", "True", "--output_dir", str(out),
     )  # no --report_to: TensorBoard by default
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "finetune.log").write_text(result.stdout + result.stderr)
@@ -243,13 +241,10 @@ def test_a_bad_input_gives_one_clear_error_naming_it(trained, tmp_path, capsys, 
     root, base, _, data = trained
     images = data.parent / "images"
     _write_bad_data(tmp_path, images)
-    common = ["--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"),
-              "--conv_style", "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1",
-              "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
-              "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to", "none",
-              "--disable_tqdm", "True", "--use_cpu", "True", "--output_dir", str(tmp_path / "out")]
+    common = [*lora_recipe(root, base), "--max_steps", "1", "--per_device_train_batch_size", "2", "--report_to",
+              "none", "--disable_tqdm", "True", "--use_cpu", "True", "--output_dir", str(tmp_path / "out")]
     try:
-        status = main(["finetune", *common, *[arg.format(tmp=tmp_path) for arg in argv]])  # the last flag wins
+        status = main([*common, *[arg.format(tmp=tmp_path) for arg in argv]])  # the last flag wins
     except SystemExit as exit:  # argparse's own errors (a value of the wrong type)
         status = exit.code
     assert status == 2
@@ -260,11 +255,8 @@ def test_a_bad_input_gives_one_clear_error_naming_it(trained, tmp_path, capsys, 
 
 def test_fsdp_on_the_cpu_is_refused_rather_than_silently_trained_as_ddp(trained, tmp_path):
     root, base, _, _ = trained
-    result = torchrun(
-        2, "finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"), "--conv_style",
-        "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1", "--use_llm_lora", "4", "--max_steps",
-        "1", "--fsdp", "full_shard auto_wrap", "--report_to", "none", "--output_dir", str(tmp_path), cpu=True,
-    )
+    result = torchrun(2, *lora_recipe(root, base), "--max_steps", "1", "--fsdp", "full_shard auto_wrap",
+                      "--report_to", "none", "--output_dir", str(tmp_path), cpu=True)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("internvl-lora finetune: error:")]
     assert len(errors) == 2  # one per rank
@@ -291,11 +283,9 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(traine
     from safetensors.torch import load_file
 
     root, base, _, _ = trained
-    args = ["finetune", "--model_name_or_path", str(base), "--meta_path", str(root / "meta.json"),
-            "--conv_style", "internvl2_5", "--force_image_size", "56", "--max_dynamic_patch", "1",
-            "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "True", "--use_llm_lora", "4",
-            "--max_steps", "60", "--save_steps", "5", "--per_device_train_batch_size", "2", "--learning_rate", "1e-2",
-            "--report_to", "none", "--use_cpu", "True", "--seed", "7", "--dataloader_num_workers", "0"]
+    args = [*lora_recipe(root, base), "--max_steps", "60", "--save_steps", "5", "--per_device_train_batch_size", "2",
+            "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu", "True", "--seed", "7",
+            "--dataloader_num_workers", "0"]
     whole = cli(*args, "--output_dir", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
 

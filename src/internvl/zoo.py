@@ -27,25 +27,19 @@ def official_names() -> list[str]:
     return sorted(name.removesuffix(".json") for name in _files().values())
 
 
-def is_official_name(name: str) -> bool:
-    """Whether `name` (any case) is an official model with a shipped config."""
-    return name.lower() in _files()
-
-
 def official_config(name: str) -> dict:
     """The official `config.json` of model `name` (any case), without our `_` keys.
 
     An unknown name raises ValueError naming the closest official ones.
     """
-    try:
-        file_name = _files()[name.lower()]
-    except KeyError:
-        names = official_names()
-        by_lower = {official.lower(): official for official in names}
-        close = [by_lower[match] for match in difflib.get_close_matches(name.lower(), by_lower, n=5, cutoff=0.6)]
+    files = _files()
+    if name.lower() not in files:
+        close = [files[match].removesuffix(".json")
+                 for match in difflib.get_close_matches(name.lower(), files, n=5, cutoff=0.6)]
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise ValueError(
-            f"Unknown official InternVL model {name!r}; {hint}see internvl.zoo.official_names() for all {len(names)}"
-        ) from None
+            f"Unknown official InternVL model {name!r}; {hint}see internvl.zoo.official_names() for all {len(files)}"
+        )
+    file_name = files[name.lower()]
     config = json.loads((_CONFIGS / file_name).read_text())
     return {key: value for key, value in config.items() if not key.startswith("_")}
