@@ -84,7 +84,7 @@ def write_meta(path: Path, datasets: dict[str, Path]) -> Path:
     """Write the meta JSON naming each dataset's root and annotation file."""
     meta = {
         name: {"root": str(annotation.parent), "annotation": str(annotation), "data_augment": False,
-               "repeat_time": 1, "length": sum(1 for _ in annotation.open())}
+               "repeat_time": 1, "length": len(annotation.read_text().splitlines())}
         for name, annotation in datasets.items()
     }
     path.write_text(json.dumps(meta, indent=2) + "\n")

@@ -150,6 +150,12 @@ def test_tokenizer_without_image_tokens_is_refused(tmp_path, model_dir):
         make_dataset(meta, plain)
 
 
+def test_an_unknown_template_is_one_settings_error_not_a_bad_sample_per_line(tmp_path, chat_tokenizer):
+    meta = write_dataset(tmp_path, [{"conversations": chat("q", "a")}] * 3)
+    with pytest.raises(ValueError, match="unknown conversation template 'internvl2.5'"):
+        make_dataset(meta, chat_tokenizer, "internvl2.5", skip_bad_samples=True)
+
+
 def test_build_datasets_is_the_official_entry_point(official_folder, chat_tokenizer):
     _, meta = official_folder
     dataset = build_datasets(meta, chat_tokenizer, template_name="internvl2_5", num_image_token=NUM_IMAGE_TOKEN,

@@ -44,6 +44,7 @@ from internvl.data.errors import (
     SampleError,
 )
 from internvl.data.reading import Annotations, Record, open_image, read_meta
+from internvl.data.templates import get_conv_template
 from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
 from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
 
@@ -67,6 +68,7 @@ class SampleBuilder:
     max_seq_length: int | None = None  # None: tokenizer.model_max_length
 
     def __post_init__(self):
+        get_conv_template(self.template_name)  # an unknown name is one settings error, not a bad sample per line
         for token in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN):
             if self.tokenizer.convert_tokens_to_ids(token) in (None, self.tokenizer.unk_token_id):
                 raise ValueError(f"tokenizer has no {token} token; load it with internvl.data.tokenizer.load_tokenizer")
