@@ -239,6 +239,18 @@ def test_right_padded_batch_gives_each_sequence_its_unpadded_logits():
     torch.testing.assert_close(batched[1, :4], logits(model, short[None])[0], rtol=0, atol=1e-5)
 
 
+def test_packed_samples_each_get_their_own_logits():
+    model = tiny_internlm2()
+    first, second = random_ids(1, 5, seed=1)[0], random_ids(1, 4, seed=2)[0]
+    packed = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(5), torch.arange(4)])[None]  # restarting at 0, as Collator(pack=True)
+
+    together = logits(model, packed, position_ids=positions)[0]
+
+    torch.testing.assert_close(together[:5], logits(model, first[None])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(together[5:], logits(model, second[None])[0], rtol=0, atol=1e-5)
+
+
 def test_left_padded_batched_generate_equals_generating_each_row_alone():
     model = tiny_internlm2()
     rows = [random_ids(1, 7, seed=3)[0], random_ids(1, 3, seed=4)[0]]

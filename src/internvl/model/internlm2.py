@@ -301,10 +301,13 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
 
 
 def attention_mask_for_sdpa(
-    attention_mask: torch.Tensor | None, past_length: int, seq_len: int, device: torch.device
+    attention_mask: torch.Tensor | None, past_length: int, seq_len: int, device: torch.device,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """A boolean (batch, 1, seq, keys) mask for SDPA from a 2-D (batch, keys) padding mask, or None when SDPA's own
-    causal flag is enough (no padding, and no cached keys or a single query). keys = past_length + seq_len."""
+    causal flag is enough (no padding, no packed samples, and no cached keys or a single query).
+    keys = past_length + seq_len. Packed samples are told apart by their positions restarting at 0 (as
+    `Collator(pack=True)` makes them): a token sees only earlier tokens of its own sample."""
     num_keys = past_length + seq_len
     if attention_mask is not None and attention_mask.shape[-1] != num_keys:
         raise ValueError(
@@ -312,13 +315,18 @@ def attention_mask_for_sdpa(
             f"({past_length} cached + {seq_len} new)"
         )
     no_padding = attention_mask is None or bool(attention_mask.all())
-    if no_padding and (past_length == 0 or seq_len == 1):
+    packed = (position_ids is not None and past_length == 0 and seq_len > 1
+              and bool((position_ids[:, 1:] == 0).any()))
+    if no_padding and not packed and (past_length == 0 or seq_len == 1):
         return None
     query_index = torch.arange(past_length, num_keys, device=device)[:, None]  # (seq, 1): place among the keys
     key_index = torch.arange(num_keys, device=device)[None, :]  # (1, keys)
     allowed = (key_index <= query_index)[None, None]  # (1, 1, seq, keys)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (batch, 1, seq, keys)
+    if packed:
+        sample = (position_ids == 0).cumsum(-1)  # (batch, seq): which packed sample each token is in
+        allowed = allowed & (sample[:, None, :, None] == sample[:, None, None, :])
     # A left-padding query may see no key at all; SDPA (torch >= 2.5) gives such a row zeros, not NaN.
     return allowed
 
@@ -412,7 +420,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
         position_embeddings = self.rotary_emb(position_ids, seq_len=past_length + seq_len)
-        mask = attention_mask_for_sdpa(attention_mask, past_length, seq_len, hidden_states.device)
+        mask = attention_mask_for_sdpa(attention_mask, past_length, seq_len, hidden_states.device, position_ids)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:
