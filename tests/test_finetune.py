@@ -64,8 +64,8 @@ def trained(tmp_path_factory):
     result = cli(
         *lora_recipe(root, base), "--dynamic_image_size", "True", "--max_steps", "4", "--save_steps", "2",
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1",
-        "--save_full_model", "True", "--use_cpu", "True", "--output_dir", str(out),
-    )  # no --report_to: TensorBoard by default
+        "--save_full_model", "True", "--use_cpu", "True", "--output_dir", str(out), "--drop_path_rate", "0.1",
+    )  # no --report_to: TensorBoard by default; the official recipe's drop_path_rate, which the base config lacks
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "finetune.log").write_text(result.stdout + result.stderr)
     return root, base, out, data
@@ -298,14 +298,31 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(traine
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed / "llm_adapter").exists(), "the run finished before it could be killed"
-    resumed = cli(*args, "--output_dir", str(killed), "--resume_from_checkpoint", str(killed / "checkpoint-5"))
+    (killed / ".staging" / "checkpoint-10").mkdir(parents=True, exist_ok=True)  # as if killed while saving it
+    (killed / ".staging" / "checkpoint-10" / "stale.bin").write_bytes(b"half-written")
+    last = max(int(folder.name.split("-")[1]) for folder in killed.glob("checkpoint-*"))
+    resumed = cli(*args, "--output_dir", str(killed))  # the same command again, as the official script resumes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {killed / f'checkpoint-{last}'}, the last checkpoint in --output_dir" in resumed.stdout
+    assert not (killed / "checkpoint-10" / "stale.bin").exists()
 
     expected = load_file(tmp_path / "whole" / "llm_adapter" / "adapter_model.safetensors")
     actual = load_file(killed / "llm_adapter" / "adapter_model.safetensors")
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def test_resuming_from_a_checkpoint_of_another_base_model_is_refused_before_training(trained, tokenizer, tmp_path):
+    root, _, out, _ = trained
+    other = tmp_path / "other"
+    build_model("Qwen2ForCausalLM", template="internvl2_5", downsample_ratio=0.25).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    result = cli(*lora_recipe(root, other), "--resume_from_checkpoint", str(out / "checkpoint-2"), "--use_cpu",
+                 "True", "--report_to", "none", "--output_dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert f"{out / 'checkpoint-2'}: these adapters were trained on base model" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
 
 
 def test_a_yaml_config_file_holds_the_same_keys_and_flags_override_it(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from internvl import checkpoint
 from internvl.data.collate import Collator
@@ -125,11 +126,10 @@ def prepare_model(
 class InternVLTrainer(Trainer):
     """The HF Trainer, saving adapters instead of full models, each checkpoint written atomically."""
 
-    def __init__(self, *args, base_config: dict, base_path: str | None, force_base_model: bool = False, **kwargs):
+    def __init__(self, *args, base_config: dict, base_path: str | None, **kwargs):
         super().__init__(*args, **kwargs)
         self.base_config = base_config
         self.base_path = base_path
-        self.force_base_model = force_base_model
         self._staging_root: str | None = None
 
     @property
@@ -154,6 +154,9 @@ class InternVLTrainer(Trainer):
         run_dir = super()._get_output_dir(trial)
         name = f"checkpoint-{self.state.global_step}"
         self._staging_root = os.path.join(run_dir, ".staging")
+        if self.args.should_save:  # what a killed run left half-written there
+            shutil.rmtree(os.path.join(self._staging_root, name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         try:
             super()._save_checkpoint(model, trial)
         finally:
@@ -178,8 +181,8 @@ class InternVLTrainer(Trainer):
                            best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        manifest = outputs.read_manifest(resume_from_checkpoint)
-        outputs.check_base(manifest, resume_from_checkpoint, self.base_config, self.force_base_model)
+        # The manifest was checked against the base model before training (resume_checkpoint); DeepSpeed never
+        # calls this method.
         if self.is_fsdp_enabled:
             # Sharded weights: HF reads the FSDP checkpoint its _save_checkpoint wrote beside our outputs.
             super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -206,6 +209,20 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
+
+
+def resume_checkpoint(training_args: TrainingArguments, base_config: dict, force_base_model: bool) -> str | None:
+    """The checkpoint to resume from, checked against the base model: --resume_from_checkpoint, else (as the
+    official script does) the last complete `checkpoint-N` in output_dir, else None."""
+    resume = training_args.resume_from_checkpoint
+    if resume is None and os.path.isdir(training_args.output_dir):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is not None and training_args.process_index == 0:
+            print(f"Resuming from {resume}, the last checkpoint in --output_dir (pass another --output_dir to "
+                  "start afresh)")
+    if resume is not None:
+        outputs.check_base(outputs.read_manifest(resume), resume, base_config, force_base_model)
+    return resume
 
 
 def check_sharding(trainer: InternVLTrainer, model_args: ModelArguments) -> None:
@@ -302,6 +319,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         model = InternVLChatModel.from_pretrained(base_path, config=config, torch_dtype=_compute_dtype(training_args))
         tokenizer = load_tokenizer(base_path, data_args.max_seq_length)
     base_config = model.config.to_dict()
+    resume = resume_checkpoint(training_args, base_config, model_args.force_base_model)
     model = prepare_model(model, tokenizer, model_args, data_args)
     train_dataset = build_datasets(
         data_args.meta_path,
@@ -325,11 +343,10 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
-        force_base_model=model_args.force_base_model,
     )
     check_sharding(trainer, model_args)
     fast = enable_fast_path(trainer, model, model_args)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if fast is not None:
         fast.restore()
     # Training switched the LLM's KV cache off; whatever is saved from here on is for inference.

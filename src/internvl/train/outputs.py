@@ -29,10 +29,21 @@ ADAPTER_DIRS = {"language_model": "llm_adapter", "vision_model": "vision_adapter
 _RANK_FIELDS = {"language_model": "use_llm_lora", "vision_model": "use_backbone_lora"}
 
 
+# Keys that name no property of the weights: where they were loaded from, how they were trained, their dtype.
+_NOT_HASHED = {"_name_or_path", "use_llm_lora", "use_backbone_lora", "transformers_version", "dtype", "torch_dtype",
+               "drop_path_rate", "use_cache"}
+
+
+def _weights_config(config):
+    if isinstance(config, dict):
+        return {k: _weights_config(v) for k, v in config.items() if k not in _NOT_HASHED}
+    return config
+
+
 def config_hash(config: dict) -> str:
-    """A stable hash of a model config, naming the base model an adapter belongs to."""
-    ignored = {"_name_or_path", "use_llm_lora", "use_backbone_lora", "transformers_version", "dtype", "torch_dtype"}
-    canonical = json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True, default=str)
+    """A stable hash of a model config, naming the base model an adapter belongs to (training-only settings such as
+    the ViT's drop_path_rate, set by --drop_path_rate, are left out)."""
+    canonical = json.dumps(_weights_config(config), sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
