@@ -368,7 +368,8 @@ def test_the_official_recipe_wraps_every_llm_with_the_dropout_peft_allows_it(tok
 
 
 def test_outputs_written_from_a_gathered_state_dict_equal_those_written_from_the_model(tokenizer, tmp_path):
-    """FSDP and DeepSpeed ZeRO-3 leave each rank a shard of every weight; the Trainer hands `_save` the whole."""
+    """FSDP and DeepSpeed ZeRO-3 leave each rank a shard of every weight; `_save` gets them gathered: the whole
+    model's (FSDP) or the trainable ones (our ZeRO-3 save); one lacking a trainable weight is refused."""
     from safetensors.torch import load_file
 
     from internvl.train.args import DataArguments, ModelArguments
@@ -384,21 +385,32 @@ def test_outputs_written_from_a_gathered_state_dict_equal_those_written_from_the
         for param in trainable:
             param.add_(torch.randn_like(param))  # as if trained: LoRA B starts at zero
     save_outputs(model, tmp_path / "from_model", base_config, None)
-    gathered = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    whole = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    only_trainable = {name: param.detach().clone() for name, param in model.named_parameters() if param.requires_grad}
     with torch.no_grad():
         for param in trainable:
             param.zero_()  # what this rank holds no longer matters
-    save_outputs(model, tmp_path / "from_state_dict", base_config, None, state_dict=gathered)
+    save_outputs(model, tmp_path / "from_whole", base_config, None, state_dict=whole)
+    save_outputs(model, tmp_path / "from_trainable", base_config, None, state_dict=only_trainable)
 
     for file in ("llm_adapter/adapter_model.safetensors", TRAINED_WEIGHTS):
-        expected, actual = (load_file(tmp_path / folder / file) for folder in ("from_model", "from_state_dict"))
-        assert expected.keys() == actual.keys() and expected
-        for key in expected:
-            assert torch.equal(expected[key], actual[key]), key
+        expected = load_file(tmp_path / "from_model" / file)
+        assert expected
+        for folder in ("from_whole", "from_trainable"):
+            actual = load_file(tmp_path / folder / file)
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                assert torch.equal(expected[key], actual[key]), (folder, key)
+    first = next(iter(only_trainable))
+    with pytest.raises(ValueError, match=f"the gathered weights lack {len(trainable)} trainable weights .first: "
+                                         f"{re.escape(first)}"):
+        save_outputs(model, tmp_path / "from_nothing", base_config, None, state_dict={})
+    assert not (tmp_path / "from_nothing").exists()
 
 
-def test_on_the_cpu_the_llm_lora_trains_through_peft_and_says_why(trained):
+def test_on_the_cpu_a_run_reports_its_trainable_share_and_why_it_trains_through_peft(trained):
     log = (trained[0] / "finetune.log").read_text()
+    assert re.search(r"trainable: [\d,]+ of [\d,]+ parameters \(\d+\.\d{3}%\)", log)
     assert "Fast LoRA off, training runs PEFT's own layers: parameters are on cpu" in log
     assert "fused fast path" not in log
 
@@ -415,27 +427,40 @@ def test_on_cuda_the_llm_lora_trains_on_the_fused_path_into_a_standard_adapter(t
     assert_trained_adapter(base, out)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate applies FSDP to GPU runs only")
-def test_fsdp_on_a_gpu_writes_a_standard_adapter(trained, tmp_path):
-    root, base, _, _ = trained
-    result = torchrun(1, *lora_recipe(root, base), "--fsdp", "full_shard auto_wrap", "--bf16", "True",
-                      "--max_steps", "2", "--save_steps", "1", "--learning_rate", "1e-2", "--report_to", "none",
-                      "--output_dir", str(tmp_path), cpu=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Fast LoRA off under FSDP" in result.stderr
-    assert (tmp_path / "checkpoint-1" / "llm_adapter" / "adapter_model.safetensors").is_file()
-    assert_trained_adapter(base, tmp_path)
+def _zero_config(stage: int, gather: bool = True) -> dict:
+    """A DeepSpeed config of ZeRO `stage`, its sizes left to the Trainer ("auto") as in the official configs."""
+    zero = {"stage": stage, **({"stage3_gather_16bit_weights_on_model_save": gather} if stage == 3 else {})}
+    return {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
-                    reason="DeepSpeed runs on GPUs, and needs the deepspeed package")
-def test_deepspeed_zero2_on_a_gpu_writes_a_standard_adapter(trained, tmp_path):
+_SHARDED_ENGINES = [
+    pytest.param(None, id="FSDP"),
+    *[pytest.param(_zero_config(*setting), id=name,
+                   marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"))
+      for name, setting in [("ZeRO-2", (2,)), ("ZeRO-3", (3,)), ("ZeRO-3-no-gather", (3, False))]],
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate applies FSDP and DeepSpeed to GPU runs only")
+@pytest.mark.parametrize("deepspeed", _SHARDED_ENGINES)
+def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tmp_path, deepspeed):
+    """FSDP (`deepspeed` None) or DeepSpeed with that config: train, save adapters, rerun to resume."""
     root, base, _, _ = trained
-    config = tmp_path / "zero2.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"},
-                                  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
+    engine = ["--fsdp", "full_shard auto_wrap"]
+    if deepspeed is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(deepspeed))
+        engine = ["--deepspeed", str(tmp_path / "ds.json")]
     out = tmp_path / "run"
-    result = torchrun(1, *lora_recipe(root, base), "--deepspeed", str(config), "--bf16", "True", "--max_steps", "2",
-                      "--learning_rate", "1e-2", "--report_to", "none", "--output_dir", str(out), cpu=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    args = [*lora_recipe(root, base), *engine, "--bf16", "True", "--save_steps", "1", "--learning_rate", "1e-2",
+            "--report_to", "none", "--output_dir", str(out)]
+    first = torchrun(1, *args, "--max_steps", "2", cpu=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Fast LoRA off under FSDP / DeepSpeed" in first.stderr
+    assert (out / "checkpoint-1" / "llm_adapter" / "adapter_model.safetensors").is_file()
+    assert_trained_adapter(base, out)
+    resumed = torchrun(1, *args, "--max_steps", "3", cpu=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
+    assert (out / "checkpoint-3").is_dir()
     assert_trained_adapter(base, out)

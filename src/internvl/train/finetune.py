@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 from transformers import Trainer, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 from internvl import checkpoint
@@ -137,8 +138,23 @@ class InternVLTrainer(Trainer):
         """Whether each rank may hold only a shard of each weight (FSDP, DeepSpeed)."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Under ZeRO-3, gather only the trainable weights: the Trainer would gather the whole model (or, without
+        `stage3_gather_16bit_weights_on_model_save`, save adapters of zeros). Elsewhere, the Trainer's saving."""
+        if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
+            super().save_model(output_dir, _internal_call)
+            return
+        from deepspeed.zero import GatheredParameters
+
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+        with GatheredParameters(list(trainable.values())):  # a collective: every rank gathers
+            state_dict = {name: param.detach().cpu().clone() for name, param in trainable.items()}
+        self._save(output_dir, state_dict=state_dict)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # Under FSDP / DeepSpeed, `state_dict` is the whole model's, gathered by every rank before this call.
+        # Under FSDP / DeepSpeed, `state_dict` holds the whole model's (or its trainable) weights, gathered by every
+        # rank before this call.
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
@@ -291,6 +307,12 @@ def check_ranks_agree(model: torch.nn.Module, sharded: bool) -> None:
           f"(sha256 {digest})")
 
 
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; under ZeRO-3 each parameter's full size, not its local shard's."""
+    sizes = [(param.requires_grad, getattr(param, "ds_numel", param.numel())) for param in model.parameters()]
+    return sum(size for trains, size in sizes if trains), sum(size for _, size in sizes)
+
+
 @dataclass
 class FinetuneResult:
     """What a fine-tune produced: the output folder, the loss history and the trainable counts."""
@@ -321,6 +343,9 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     base_config = model.config.to_dict()
     resume = resume_checkpoint(training_args, base_config, model_args.force_base_model)
     model = prepare_model(model, tokenizer, model_args, data_args)
+    if training_args.process_index == 0:
+        trainable, total = parameter_counts(model)
+        print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
     train_dataset = build_datasets(
         data_args.meta_path,
         tokenizer,
@@ -357,8 +382,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         train_dataset.skip_report()
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     output_dir = Path(training_args.output_dir)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable, total = parameter_counts(model)
     if trainer.args.should_save and losses:
         write_loss_curve(losses, output_dir / "loss_curve.png")
         (output_dir / "loss_history.json").write_text(json.dumps(losses) + "\n")

@@ -61,9 +61,14 @@ def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path:
                  state_dict: dict | None = None) -> None:
     """Write the adapters, other trained weights, tokenizer and manifest of `model` into `folder`.
 
-    `state_dict` (the whole model's, keyed as `model.state_dict()`) replaces the model's own weights: FSDP and
-    DeepSpeed ZeRO-3 leave each rank only a shard of every parameter, and the Trainer gathers the whole state dict.
+    `state_dict` (the whole model's, or at least its trainable weights, keyed as `model.state_dict()`) replaces the
+    model's own weights: FSDP and DeepSpeed ZeRO-3 leave each rank only a shard of every parameter, gathered first.
     """
+    if state_dict is not None:
+        missing = [name for name, param in model.named_parameters() if param.requires_grad and name not in state_dict]
+        if missing:
+            raise ValueError(f"refusing to write adapters to {folder}: the gathered weights lack {len(missing)} "
+                             f"trainable weights (first: {missing[0]})")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     parts = {}
