@@ -144,11 +144,11 @@ class InternVLTrainer(Trainer):
         if not (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled()):
             super().save_model(output_dir, _internal_call)
             return
-        from deepspeed.zero import GatheredParameters
+        import deepspeed  # `deepspeed.zero` is an attribute of the package, not an importable module
 
         model = self.accelerator.unwrap_model(self.model)
         trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
-        with GatheredParameters(list(trainable.values())):  # a collective: every rank gathers
+        with deepspeed.zero.GatheredParameters(list(trainable.values())):  # a collective: every rank gathers
             state_dict = {name: param.detach().cpu().clone() for name, param in trainable.items()}
         self._save(output_dir, state_dict=state_dict)
 
