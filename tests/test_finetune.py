@@ -269,11 +269,16 @@ def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
     result = torchrun(2, *lora_recipe(root, base), "--max_steps", "3", "--per_device_train_batch_size", "2",
                       "--report_to", "none", "--output_dir", str(out), cpu=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert_both_ranks_agree(result.stdout)
+    assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
+
+
+def assert_both_ranks_agree(stdout: str) -> None:
+    """Both ranks of a 2-process run reported the same digest of their trainable weights."""
     # Searched in the whole output: the two ranks' prints may interleave within a line.
-    reports = re.findall(r"rank (\d): all 2 ranks hold identical trainable weights \(sha256 (\w+)\)", result.stdout)
+    reports = re.findall(r"rank (\d): all 2 ranks hold identical trainable weights \(sha256 (\w+)\)", stdout)
     assert sorted(rank for rank, _ in reports) == ["0", "1"]
     assert len({digest for _, digest in reports}) == 1
-    assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(trained, tmp_path):
@@ -463,4 +468,19 @@ def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
     assert (out / "checkpoint-3").is_dir()
+    assert_trained_adapter(base, out)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("engine", [[], ["--fsdp", "full_shard auto_wrap"]], ids=["DDP", "FSDP"])
+def test_two_gpus_train_one_standard_adapter(trained, tmp_path, engine):
+    root, base, _, _ = trained
+    out = tmp_path / "run"
+    result = torchrun(2, *lora_recipe(root, base), *engine, "--bf16", "True", "--max_steps", "3",
+                      "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none",
+                      "--output_dir", str(out), cpu=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if not engine:  # DDP: every rank holds the whole adapter, trained on the fused path
+        assert "LLM LoRA on the fused fast path" in result.stdout
+        assert_both_ranks_agree(result.stdout)
     assert_trained_adapter(base, out)
