@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 
 import pytest
 import torch
@@ -178,6 +179,9 @@ def test_loading_a_folder_that_is_not_an_internvl_checkpoint_says_so(tmp_path):
         InternVLChatModel.from_pretrained("OpenGVLab/InternVL2_5-8B")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
     with pytest.raises(ValueError, match="expected 'internvl_chat'"):
+        InternVLChatModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "internvl_chat",')
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'config.json'))}: not valid JSON: Expecting"):
         InternVLChatModel.from_pretrained(tmp_path)
 
 

@@ -38,7 +38,10 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; expected an InternVL checkpoint folder")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from None
     if config.get("model_type") != "internvl_chat":
         raise ValueError(
             f"{path}: model_type is {config.get('model_type')!r}, expected 'internvl_chat' "

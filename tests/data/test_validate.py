@@ -77,6 +77,13 @@ def test_validate_data_passes_a_clean_dataset(tmp_path, model_dir, capsys):
     assert capsys.readouterr().out == "checked 2 lines in 1 datasets: 0 problems\n"
 
 
+def test_validate_data_names_a_model_folder_that_is_not_an_internvl_checkpoint(tmp_path):
+    meta = write_dataset(tmp_path, [GOOD])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no config.json; expected an InternVL checkpoint"):
+        args.func(args)
+
+
 def test_max_seq_length_option_limits_samples(tmp_path, model_dir, capsys):
     meta = write_dataset(tmp_path, [GOOD])
     args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),

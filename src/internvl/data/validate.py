@@ -20,14 +20,16 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
-
-from internvl.data.dataset import SampleBuilder
+from internvl import checkpoint
 from internvl.data.errors import MISSING_ANNOTATION, SampleError
 from internvl.data.reading import DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
-from internvl.data.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:  # transformers and the dataset load in seconds: only a validation run needs them, not the CLI
+    from transformers import PreTrainedTokenizerBase
+
+    from internvl.data.dataset import SampleBuilder
 
 DEFAULT_MAX_SEQ_LENGTH = 8192  # the fine-tune command's default
 LINES_PER_TASK = 64  # records one worker checks per task: enough to amortise the hand-over, small enough to balance
@@ -100,6 +102,8 @@ def validate_dataset(
     is known, in file order (the command prints them so). A malformed meta file raises ValueError; an annotation
     file that cannot be read is a problem of its dataset (`FILE: missing annotation: ...`).
     """
+    from internvl.data.dataset import SampleBuilder
+
     builder = SampleBuilder(
         tokenizer, template_name, num_image_token, image_size, dynamic_image_size, use_thumbnail,
         min_dynamic_patch, max_dynamic_patch, max_seq_length,
@@ -189,11 +193,9 @@ def settings_from_config(config: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The `validate-data` command: print each problem, then the counts; exit status 1 if any problem, else 0."""
-    config_path = Path(args.model_name_or_path) / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path}: cannot read the model config: {error}") from None
+    config = checkpoint.read_config(args.model_name_or_path)
+    from internvl.data.tokenizer import load_tokenizer
+
     tokenizer = load_tokenizer(args.model_name_or_path, args.max_seq_length)
     report = validate_dataset(
         args.meta_path, tokenizer, max_seq_length=args.max_seq_length, workers=args.workers, on_problem=print,
