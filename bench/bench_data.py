@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from internvl.data.collate import Collator
 from internvl.data.constants import SPECIAL_TOKENS
-from internvl.data.dataset import InternVLDataset
+from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.reading import Annotations, open_image, read_meta
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
 from internvl.data.tokenize import preprocess
@@ -124,8 +124,9 @@ def main() -> None:
         total = sum(stages.values())
         print(f"  {'total':<11} {total * 1000:8.2f} ms  ({1 / total:.1f} samples/s)")
 
-        dataset = InternVLDataset(meta, tokenizer, TEMPLATE, NUM_IMAGE_TOKEN, image_size=IMAGE_SIZE,
-                                  dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=MAX_DYNAMIC_PATCH)
+        builder = SampleBuilder(tokenizer, TEMPLATE, NUM_IMAGE_TOKEN, image_size=IMAGE_SIZE, dynamic_image_size=True,
+                                use_thumbnail=True, max_dynamic_patch=MAX_DYNAMIC_PATCH)
+        dataset = InternVLDataset(meta, builder)
         for workers in sorted({0, args.workers}):
             rate = samples_per_second(dataset, workers, args.batch_size, tokenizer.pad_token_id)
             where = "in this process" if workers == 0 else f"DataLoader, {workers} workers"

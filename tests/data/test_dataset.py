@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 from internvl.data.collate import Collator
 from internvl.data.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
-from internvl.data.dataset import InternVLDataset, build_datasets
+from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.errors import SampleError
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
 from tests.data.conftest import GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
@@ -19,8 +19,9 @@ from tests.data.conftest import GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line,
 SETTINGS = dict(image_size=TILE, dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6)
 
 
-def make_dataset(meta, tokenizer, template="internvl2_5", **overrides) -> InternVLDataset:
-    return InternVLDataset(meta, tokenizer, template, NUM_IMAGE_TOKEN, **{**SETTINGS, **overrides})
+def make_dataset(meta, tokenizer, template="internvl2_5", skip_bad_samples=False, **overrides) -> InternVLDataset:
+    builder = SampleBuilder(tokenizer, template, NUM_IMAGE_TOKEN, **{**SETTINGS, **overrides})
+    return InternVLDataset(meta, builder, skip_bad_samples=skip_bad_samples)
 
 
 def learned_texts(tokenizer, labels: torch.Tensor) -> list[str]:
@@ -154,13 +155,6 @@ def test_an_unknown_template_is_one_settings_error_not_a_bad_sample_per_line(tmp
     meta = write_dataset(tmp_path, [{"conversations": chat("q", "a")}] * 3)
     with pytest.raises(ValueError, match="unknown conversation template 'internvl2.5'"):
         make_dataset(meta, chat_tokenizer, "internvl2.5", skip_bad_samples=True)
-
-
-def test_build_datasets_is_the_official_entry_point(official_folder, chat_tokenizer):
-    _, meta = official_folder
-    dataset = build_datasets(meta, chat_tokenizer, template_name="internvl2_5", num_image_token=NUM_IMAGE_TOKEN,
-                             **SETTINGS)
-    assert isinstance(dataset, InternVLDataset) and len(dataset) == 4
 
 
 # --- bad samples ------------------------------------------------------------------------------------------------

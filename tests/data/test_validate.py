@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from internvl.data.dataset import SampleBuilder
 from internvl.data.validate import add_subcommand, settings_from_config, validate_dataset
 from tests.data.conftest import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
 
@@ -93,9 +94,9 @@ def test_max_seq_length_option_limits_samples(tmp_path, model_dir, capsys):
 
 
 def test_workers_do_not_change_the_report(hostile_folder, chat_tokenizer):
-    settings = settings_from_config(CONFIG)
-    one = validate_dataset(hostile_folder, chat_tokenizer, max_seq_length=4096, workers=1, **settings)
-    two = validate_dataset(hostile_folder, chat_tokenizer, max_seq_length=4096, workers=2, **settings)
+    builder = SampleBuilder(chat_tokenizer, max_seq_length=4096, **settings_from_config(CONFIG))
+    one = validate_dataset(hostile_folder, builder, workers=1)
+    two = validate_dataset(hostile_folder, builder, workers=2)
     assert [str(p) for p in one.all_problems()] == [str(p) for p in two.all_problems()]
     assert one.lines == two.lines == {"clean": 3, "hostile": 16}
     assert not one.ok and one.problems["clean"] == []
@@ -105,7 +106,8 @@ def test_many_lines_are_split_across_workers_in_order(tmp_path, chat_tokenizer):
     records = [GOOD] * 150
     records[3] = records[140] = {"conversations": chat("<image>q", "a")}  # lines 4 and 141: in different tasks
     meta = write_dataset(tmp_path, records)
-    report = validate_dataset(meta, chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, 4096, workers=2)
+    report = validate_dataset(meta, SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, max_seq_length=4096),
+                              workers=2)
     assert [(p.line, p.cause) for p in report.all_problems()] == [(4, "image count mismatch"),
                                                                    (141, "image count mismatch")]
 
@@ -113,7 +115,7 @@ def test_many_lines_are_split_across_workers_in_order(tmp_path, chat_tokenizer):
 def test_an_unreadable_annotation_file_is_a_problem_of_its_dataset(tmp_path, chat_tokenizer):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"gone": {"root": str(tmp_path), "annotation": str(tmp_path / "gone.jsonl")}}))
-    report = validate_dataset(meta, chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, 4096)
+    report = validate_dataset(meta, SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, max_seq_length=4096))
     assert [str(p) for p in report.all_problems()] == [
         f"{tmp_path / 'gone.jsonl'}: missing annotation: No such file or directory"
     ]

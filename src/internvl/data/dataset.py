@@ -1,6 +1,6 @@
 """The training dataset: records of the meta file's JSONL files -> image tiles + input ids and labels.
 
-It does what the official `LazySupervisedDataset` + `build_datasets` do, for images and text (no video):
+It does what the official `LazySupervisedDataset` + `build_datasets` do (a `SampleBuilder` holds the settings), for images and text (no video):
 - one image: `<image>` is put before the first human turn when the conversation has none; the image gets up to
   `max_dynamic_patch` tiles (a meta entry's own `max_dynamic_patch` wins);
 - n images: each gets `max(1, max_dynamic_patch // n)` tiles and the conversation must hold n `<image>`;
@@ -175,25 +175,8 @@ def _jpeg_degrade(tile: Image.Image) -> Image.Image:
 class InternVLDataset(Dataset):
     """Every dataset of a meta JSON as one map-style dataset, in meta order; items are ready for the Collator."""
 
-    def __init__(
-        self,
-        meta_path: str | os.PathLike,
-        tokenizer: PreTrainedTokenizerBase,
-        template_name: str,
-        num_image_token: int,
-        *,
-        image_size: int = 448,
-        dynamic_image_size: bool = False,
-        use_thumbnail: bool = False,
-        min_dynamic_patch: int = 1,
-        max_dynamic_patch: int = 12,
-        max_seq_length: int | None = None,
-        skip_bad_samples: bool = False,
-    ):
-        self.builder = SampleBuilder(
-            tokenizer, template_name, num_image_token, image_size, dynamic_image_size, use_thumbnail,
-            min_dynamic_patch, max_dynamic_patch, max_seq_length,
-        )
+    def __init__(self, meta_path: str | os.PathLike, builder: SampleBuilder, skip_bad_samples: bool = False):
+        self.builder = builder
         self.skip_bad_samples = skip_bad_samples
         self.parts = [Annotations(spec) for spec in read_meta(meta_path)]
         self._ends = list(accumulate(len(part) for part in self.parts))  # global index ranges of the parts
@@ -248,8 +231,3 @@ class InternVLDataset(Dataset):
         annotations = self.parts[part]
         spec = annotations.spec
         return self.builder.build(annotations.record(local), spec.max_dynamic_patch, augment=spec.data_augment)
-
-
-def build_datasets(meta_path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, **settings) -> InternVLDataset:
-    """The training dataset of a meta file (the official trainer's function name); settings as InternVLDataset's."""
-    return InternVLDataset(meta_path, tokenizer, **settings)

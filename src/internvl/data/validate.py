@@ -26,9 +26,7 @@ from internvl import checkpoint
 from internvl.data.errors import MISSING_ANNOTATION, SampleError
 from internvl.data.reading import DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
 
-if TYPE_CHECKING:  # transformers and the dataset load in seconds: only a validation run needs them, not the CLI
-    from transformers import PreTrainedTokenizerBase
-
+if TYPE_CHECKING:  # the dataset loads transformers, seconds: only a validation run needs it, not the CLI
     from internvl.data.dataset import SampleBuilder
 
 DEFAULT_MAX_SEQ_LENGTH = 8192  # the fine-tune command's default
@@ -83,31 +81,16 @@ class _Task:
 
 def validate_dataset(
     meta_path: str | os.PathLike,
-    tokenizer: PreTrainedTokenizerBase,
-    template_name: str,
-    num_image_token: int,
-    max_seq_length: int | None,
+    builder: SampleBuilder,
     workers: int = 1,
-    *,
-    image_size: int = 448,
-    dynamic_image_size: bool = False,
-    use_thumbnail: bool = False,
-    min_dynamic_patch: int = 1,
-    max_dynamic_patch: int = 12,
     on_problem: Callable[[SampleError], None] | None = None,
 ) -> ValidationReport:
     """Check every record of every dataset of a meta file, with `workers` processes; the problems found.
 
-    The settings mean what they mean for InternVLDataset. `on_problem` is called with each problem as soon as it
+    `builder` is the training dataset's: the same settings, the same checks. `on_problem` is called with each problem as soon as it
     is known, in file order (the command prints them so). A malformed meta file raises ValueError; an annotation
     file that cannot be read is a problem of its dataset (`FILE: missing annotation: ...`).
     """
-    from internvl.data.dataset import SampleBuilder
-
-    builder = SampleBuilder(
-        tokenizer, template_name, num_image_token, image_size, dynamic_image_size, use_thumbnail,
-        min_dynamic_patch, max_dynamic_patch, max_seq_length,
-    )
     specs = read_meta(meta_path)
     report = ValidationReport({spec.name: [] for spec in specs}, {spec.name: 0 for spec in specs})
 
@@ -194,13 +177,12 @@ def settings_from_config(config: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     """The `validate-data` command: print each problem, then the counts; exit status 1 if any problem, else 0."""
     config = checkpoint.read_config(args.model_name_or_path)
+    from internvl.data.dataset import SampleBuilder
     from internvl.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.max_seq_length)
-    report = validate_dataset(
-        args.meta_path, tokenizer, max_seq_length=args.max_seq_length, workers=args.workers, on_problem=print,
-        **settings_from_config(config),
-    )
+    builder = SampleBuilder(tokenizer, max_seq_length=args.max_seq_length, **settings_from_config(config))
+    report = validate_dataset(args.meta_path, builder, workers=args.workers, on_problem=print)
     print(report.summary())
     return 0 if report.ok else 1
 

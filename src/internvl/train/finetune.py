@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from internvl import checkpoint
 from internvl.data.collate import Collator
 from internvl.data.constants import IMG_CONTEXT_TOKEN
-from internvl.data.dataset import build_datasets
+from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.reading import read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
 from internvl.lora.fused import (
@@ -346,8 +346,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     if training_args.process_index == 0:
         trainable, total = parameter_counts(model)
         print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
-    train_dataset = build_datasets(
-        data_args.meta_path,
+    builder = SampleBuilder(
         tokenizer,
         template_name=data_args.conv_style,
         num_image_token=model.num_image_token,
@@ -357,8 +356,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         min_dynamic_patch=data_args.min_dynamic_patch,
         max_dynamic_patch=data_args.max_dynamic_patch,
         max_seq_length=data_args.max_seq_length,
-        skip_bad_samples=data_args.skip_bad_samples,
     )
+    train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples)
     training_args.remove_unused_columns = False
     trainer = InternVLTrainer(
         model=model,
