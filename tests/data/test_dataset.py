@@ -14,7 +14,7 @@ from internvl.data.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.errors import SampleError
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
-from tests.data.conftest import GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
+from tests.data.builders import GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
 
 SETTINGS = dict(image_size=TILE, dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6)
 

@@ -13,7 +13,7 @@ from internvl.data.reading import (
     parse_record,
     read_meta,
 )
-from tests.data.conftest import chat, png_header, truncated_jpeg, write_dataset, write_image
+from tests.data.builders import chat, png_header, truncated_jpeg, write_dataset, write_image
 
 
 # --- meta -------------------------------------------------------------------------------------------------------

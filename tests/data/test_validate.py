@@ -9,7 +9,7 @@ import pytest
 
 from internvl.data.dataset import SampleBuilder
 from internvl.data.validate import add_subcommand, settings_from_config, validate_dataset
-from tests.data.conftest import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
+from tests.data.builders import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
