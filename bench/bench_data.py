@@ -3,7 +3,8 @@
     python bench/bench_data.py [--samples 64] [--workers 2] [--batch-size 4]
 
 Builds everything it needs in a temporary folder: a 1500x1000 JPEG of noise (3:2, so 3 x 2 tiles + thumbnail at
-the official max_dynamic_patch 6), a JSONL of identical lines and a small BPE tokenizer with the ChatML tokens.
+the official max_dynamic_patch 6), a JSONL of identical lines and the package's tiny BPE tokenizer (ChatML and
+image tokens).
 Prints the time of each stage (read line, load image, tile, transform, tokenize, collate) for one sample, then
 samples per second of InternVLDataset in this process and through a DataLoader with N worker processes.
 """
@@ -18,16 +19,15 @@ import time
 from pathlib import Path
 
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerFast
 
 from internvl.data.collate import Collator
-from internvl.data.constants import SPECIAL_TOKENS
 from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.reading import Annotations, open_image, read_meta
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
 from internvl.data.tokenize import preprocess
+from internvl.synthetic import write_meta
+from internvl.tiny import tiny_tokenizer
 
 IMAGE_SIZE = 448
 NUM_IMAGE_TOKEN = 256  # 448-pixel tiles, patch 14, downsample 0.5
@@ -37,33 +37,13 @@ QUESTION = "<image>\nDescribe the picture in detail, please."
 ANSWER = "A field of coloured noise, evenly spread over the whole picture, with no object in it. " * 4
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE with the ChatML and InternVL special tokens (a stand-in for Qwen2's)."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([QUESTION, ANSWER, "system user assistant"] * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
-    return tokenizer
-
-
 def write_data(folder: Path, samples: int) -> Path:
     """A meta file whose one dataset has `samples` lines, all on the same noise JPEG."""
     Image.effect_noise((1500, 1000), 64).convert("RGB").save(folder / "noise.jpg", quality=90)
     line = json.dumps({"image": "noise.jpg", "conversations": [
         {"from": "human", "value": QUESTION}, {"from": "gpt", "value": ANSWER}]})
     (folder / "data.jsonl").write_text((line + "\n") * samples)
-    meta = {"bench": {"root": str(folder), "annotation": str(folder / "data.jsonl"), "data_augment": False,
-                      "repeat_time": 1, "length": samples}}
-    (folder / "meta.json").write_text(json.dumps(meta))
-    return folder / "meta.json"
+    return write_meta(folder / "meta.json", {"bench": folder / "data.jsonl"})
 
 
 def time_stages(meta: Path, tokenizer, batch_size: int, repeats: int) -> dict[str, float]:
@@ -114,7 +94,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_tokenizer(vocab_size=1000)
     with tempfile.TemporaryDirectory() as folder:
         meta = write_data(Path(folder), args.samples)
         stages = time_stages(meta, tokenizer, args.batch_size, repeats=min(args.samples, 32))

@@ -87,7 +87,8 @@ def tiny_config(
     llm = dict(_SHAPE, architectures=[llm_architecture], vocab_size=vocab_size, **TINY_LLMS[llm_architecture])
     fields = dict(
         vision_config=vision, llm_config=llm, force_image_size=image_size, downsample_ratio=0.5,
-        ps_version="v2", select_layer=-1, template=llm_arch(llm_architecture).template, dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6,
+        ps_version="v2", select_layer=-1, template=llm_arch(llm_architecture).template, dynamic_image_size=True,
+        use_thumbnail=True, max_dynamic_patch=6,
     )
     fields.update(overrides)
     return InternVLChatConfig(**fields)
