@@ -60,8 +60,9 @@ def build(arch: str, layers: int | None, dtype: torch.dtype, seed: int = 0) -> n
     torch.manual_seed(seed)
     with torch.device("cuda"):
         llm = resolve(row.model_class)._from_config(config, dtype=dtype)
-    model = get_peft_model(llm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(row.lora_targets),
-                                           task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=list(row.lora_targets),
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(llm, lora)
     randomize_lora_b(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

@@ -149,7 +149,8 @@ def test_merged_model_and_base_plus_adapter_give_the_same_answer(trained):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((merged / "config.json").read_text())["use_llm_lora"] == 0
     question = "What colour is the shape?"
-    from_adapter = cli("chat", str(base), question, "--adapter", str(out), "--image", str(image), "--max-new-tokens", "6")
+    from_adapter = cli("chat", str(base), question, "--adapter", str(out), "--image", str(image),
+                       "--max-new-tokens", "6")
     from_merged = cli("chat", str(merged), question, "--image", str(image), "--max-new-tokens", "6")
     assert from_adapter.returncode == 0 and from_merged.returncode == 0, from_adapter.stderr[-2000:]
     assert from_adapter.stdout == from_merged.stdout

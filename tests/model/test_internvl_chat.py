@@ -45,7 +45,8 @@ def test_wrap_llm_lora_trains_exactly_the_lora_weights_of_the_table_targets(arch
             expected.add(name)
     layers = model.config.llm_config.num_hidden_layers
     assert trainable == expected
-    assert len(expected) == 2 * layers * len(row.lora_targets + row.lora_target_parameters)  # lora_A and lora_B of every target in every layer
+    # lora_A and lora_B of every target in every layer
+    assert len(expected) == 2 * layers * len(row.lora_targets + row.lora_target_parameters)
     assert counts.trainable == sum(p.numel() for n, p in model.language_model.named_parameters() if n in expected)
     assert counts.total == sum(p.numel() for p in model.language_model.parameters())
     assert f"{counts.trainable:,}" in capsys.readouterr().out
@@ -144,7 +145,8 @@ def test_image_context_count_mismatch_names_both_counts(tokenizer):
     batch = build_batch(model, tokenizer, tiles=2)
     batch["pixel_values"] = batch["pixel_values"][:1]
     batch["image_flags"] = batch["image_flags"][:1]
-    with pytest.raises(ValueError, match=rf"{2 * model.num_image_token} <IMG_CONTEXT> positions.*{model.num_image_token} features"):
+    tokens = model.num_image_token
+    with pytest.raises(ValueError, match=rf"{2 * tokens} <IMG_CONTEXT> positions.*{tokens} features"):
         model(**batch)
 
 

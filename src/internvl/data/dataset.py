@@ -1,6 +1,7 @@
 """The training dataset: records of the meta file's JSONL files -> image tiles + input ids and labels.
 
-It does what the official `LazySupervisedDataset` + `build_datasets` do (a `SampleBuilder` holds the settings), for images and text (no video):
+It does what the official `LazySupervisedDataset` + `build_datasets` do, for images and text (no video); a
+`SampleBuilder` holds the settings and turns one record into one sample:
 - one image: `<image>` is put before the first human turn when the conversation has none; the image gets up to
   `max_dynamic_patch` tiles (a meta entry's own `max_dynamic_patch` wins);
 - n images: each gets `max(1, max_dynamic_patch // n)` tiles and the conversation must hold n `<image>`;

@@ -87,9 +87,9 @@ def validate_dataset(
 ) -> ValidationReport:
     """Check every record of every dataset of a meta file, with `workers` processes; the problems found.
 
-    `builder` is the training dataset's: the same settings, the same checks. `on_problem` is called with each problem as soon as it
-    is known, in file order (the command prints them so). A malformed meta file raises ValueError; an annotation
-    file that cannot be read is a problem of its dataset (`FILE: missing annotation: ...`).
+    `builder` is the training dataset's: the same settings, the same checks. `on_problem` is called with each
+    problem as soon as it is known, in file order (the command prints them so). A malformed meta file raises
+    ValueError; an annotation file that cannot be read is a problem of its dataset (`FILE: missing annotation: ...`).
     """
     specs = read_meta(meta_path)
     report = ValidationReport({spec.name: [] for spec in specs}, {spec.name: 0 for spec in specs})

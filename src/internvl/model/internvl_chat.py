@@ -364,7 +364,8 @@ class InternVLChatModel(PreTrainedModel):
                 "needs use_llm_lora / use_backbone_lora set)"
             )
         if getattr(self.config.llm_config, "tie_word_embeddings", False):
-            base = self.language_model.get_base_model() if hasattr(self.language_model, "get_base_model") else self.language_model
+            base = self.language_model
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
             base.get_output_embeddings().weight = base.get_input_embeddings().weight
         missing = [name for name, p in self.named_parameters() if p.device.type == "meta"]
         if missing:

@@ -226,7 +226,8 @@ class InternVisionEncoder(nn.Module):
 
     def __init__(self, config: InternVisionConfig):
         super().__init__()
-        rates = [config.drop_path_rate * i / max(config.num_hidden_layers - 1, 1) for i in range(config.num_hidden_layers)]
+        layers = config.num_hidden_layers
+        rates = [config.drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
         self.layers = nn.ModuleList(InternVisionEncoderLayer(config, rate) for rate in rates)
 
     def forward(

@@ -113,7 +113,8 @@ def prepare_model(
     if model_args.freeze_mlp:
         _freeze(model.mlp1)
     if model_args.unfreeze_vit_layers:
-        vision = model.vision_model.get_base_model() if isinstance(model.vision_model, PeftModel) else model.vision_model
+        vision = model.vision_model
+        vision = vision.get_base_model() if isinstance(vision, PeftModel) else vision
         for param in vision.encoder.layers[model_args.unfreeze_vit_layers:].parameters():
             param.requires_grad = True
     if not any(param.requires_grad for param in model.parameters()):
