@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+DEMO_OUTPUT_DIR = "demo-output"  # where `demo` (and `finetune` with no arguments) writes
+
 
 def _load_config(model: str):
     """An `InternVLChatConfig` from a checkpoint folder or the name of an official model."""
@@ -49,7 +51,7 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_finetune(args: argparse.Namespace) -> int:
     """`finetune ...`: the official trainer's arguments (and any HF TrainingArguments); none: the demo."""
     if not args.rest:
-        return run_demo(argparse.Namespace(output_dir="demo-output"))
+        return run_demo(argparse.Namespace(output_dir=DEMO_OUTPUT_DIR))
     from internvl.train.args import parse_finetune_args
     from internvl.train.finetune import finetune
 
@@ -144,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=run_chat)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
-    demo.add_argument("--output-dir", default="demo-output")
+    demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
     demo.set_defaults(func=run_demo)
 
     validate.add_subcommand(commands)

@@ -71,7 +71,7 @@ def _training_args(output_dir: Path, steps: int, learning_rate: float, batch_siz
     )
 
 
-def run_demo(output_dir: str | Path = "demo-output", seed: int = 0, pretrain_steps: int = 400,
+def run_demo(output_dir: str | Path, seed: int = 0, pretrain_steps: int = 400,
              lora_steps: int = 300, lora_rank: int = 8) -> DemoReport:
     """Run the whole demo into `output_dir` and return its report (also written to report.json)."""
     start = time.time()
