@@ -8,7 +8,6 @@ import torch
 
 from internvl.model.vision import (
     DropPath,
-    InternRMSNorm,
     InternVisionConfig,
     InternVisionModel,
     interpolate_pos_embed,
@@ -192,8 +191,8 @@ def test_attention_and_layer_compute_what_the_official_ones_do(style):
         assert torch.allclose(layer(x), expected, atol=1e-4)
 
 
-def test_rms_norm_normalises_in_fp32_then_scales():
-    norm = InternRMSNorm(WIDTH, eps=1e-6)
+def test_the_6b_styles_rms_norm_normalises_in_fp32_then_scales():
+    norm = build("6B").encoder.layers[0].norm1
     with torch.no_grad():
         norm.weight.normal_()
     x = (100 * torch.randn(3, WIDTH)).to(torch.bfloat16)

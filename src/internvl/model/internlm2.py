@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRMSNorm  # InternLM2's RMSNorm, to the bit
 
 __all__ = [
     "InternLM2Config",
@@ -121,22 +121,6 @@ def _check_rope_scaling(rope_scaling) -> None:
     factor = rope_scaling["factor"]
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
         raise ValueError(f"{expected}; got factor {factor!r}")
-
-
-class InternLM2RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in fp32 and cast back to the input's dtype before the weight."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
 
 
 class InternLM2RotaryEmbedding(nn.Module):
@@ -278,8 +262,8 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.attention = InternLM2Attention(config, layer_idx)
         self.feed_forward = InternLM2MLP(config)
-        self.attention_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.ffn_norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attention_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.ffn_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -332,25 +316,14 @@ def attention_mask_for_sdpa(
 
 
 class InternLM2PreTrainedModel(PreTrainedModel):
-    """Weight initialisation and the class facts transformers needs (checkpointing, device maps, SDPA)."""
+    """The class facts transformers needs (checkpointing, device maps, SDPA); transformers' default weight
+    initialisation is InternLM2's own (normal linears and embeddings, zero padding row, unit norms)."""
 
     config_class = InternLM2Config
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["InternLM2DecoderLayer"]
     _supports_sdpa = True
-
-    def _init_weights(self, module: nn.Module) -> None:
-        # transformers' `init` functions skip tensors already loaded from a checkpoint.
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, InternLM2RMSNorm):
-            init.ones_(module.weight)
 
 
 class InternLM2Model(InternLM2PreTrainedModel):
@@ -362,7 +335,7 @@ class InternLM2Model(InternLM2PreTrainedModel):
         self.layers = nn.ModuleList(
             [InternLM2DecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = InternLM2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = InternLM2RotaryEmbedding(config)
         self.gradient_checkpointing = False
         self.post_init()
@@ -442,21 +415,6 @@ class InternLM2Model(InternLM2PreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-def causal_lm_loss(
-    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Next-token cross-entropy in fp32: logits at t (batch, seq, vocab) predict labels at t + 1; -100 is ignored.
-
-    The mean over the counted tokens, or with `num_items_in_batch` (which transformers' Trainer passes so that
-    gradient accumulation weighs every token alike) their sum divided by it.
-    """
-    shift_logits = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])  # (batch * (seq - 1), vocab)
-    shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction=reduction)
-    return loss if num_items_in_batch is None else loss / num_items_in_batch
-
-
 class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
     """InternLM2 with its language-model head `output`: logits, the training loss, and `generate`."""
 
@@ -505,7 +463,8 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
         Arguments as `InternLM2Model.forward`, plus: labels (batch, seq), -100 where no loss is wanted;
         logits_to_keep: when > 0, logits only for the last that many positions (`generate` asks for 1);
         cache_position: accepted from callers of older transformers APIs and not needed, since the cache knows
-        its own length; `num_items_in_batch` in kwargs: see `causal_lm_loss`.
+        its own length. The loss is transformers' causal-LM loss (`self.loss_function`), which takes the Trainer's
+        `num_items_in_batch` from kwargs so that gradient accumulation weighs every token alike.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
@@ -527,7 +486,7 @@ class InternLM2ForCausalLM(InternLM2PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = causal_lm_loss(logits, labels, kwargs.get("num_items_in_batch"))
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
         output = CausalLMOutputWithPast(
             loss=loss,

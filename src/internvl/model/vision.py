@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 
 class InternVisionConfig(PretrainedConfig):
@@ -77,22 +78,8 @@ class InternVisionConfig(PretrainedConfig):
         self.initializer_factor = initializer_factor
 
 
-class InternRMSNorm(nn.Module):
-    """RMSNorm with a weight and no bias. It normalises in fp32, as the official model does, so bf16 matches."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-_NORMS = {"rms_norm": InternRMSNorm, "layer_norm": nn.LayerNorm}
+# InternViT-6B's RMSNorm normalises in fp32 and casts back before the weight, as LlamaRMSNorm does.
+_NORMS = {"rms_norm": LlamaRMSNorm, "layer_norm": nn.LayerNorm}
 
 
 class DropPath(nn.Module):
@@ -168,8 +155,8 @@ class InternVisionAttention(nn.Module):
         self.qk_normalization = config.qk_normalization
         if config.qk_normalization:
             # Over the full width, all heads together, as the official weights were trained.
-            self.q_norm = InternRMSNorm(width, eps=config.layer_norm_eps)
-            self.k_norm = InternRMSNorm(width, eps=config.layer_norm_eps)
+            self.q_norm = LlamaRMSNorm(width, eps=config.layer_norm_eps)
+            self.k_norm = LlamaRMSNorm(width, eps=config.layer_norm_eps)
         self.attention_dropout = config.attention_dropout
         self.proj = nn.Linear(width, width)
         self.proj_drop = nn.Dropout(config.dropout)
@@ -269,7 +256,7 @@ class InternVisionModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, InternRMSNorm):
+        elif isinstance(module, LlamaRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, InternVisionEmbeddings):
             init.normal_(module.class_embedding, std=std)
