@@ -473,15 +473,22 @@ def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tm
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("engine", [[], ["--fsdp", "full_shard auto_wrap"]], ids=["DDP", "FSDP"])
+@pytest.mark.parametrize("engine", [
+    pytest.param("DDP"), pytest.param("FSDP"),
+    pytest.param("ZeRO-3", marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                                    reason="needs deepspeed")),
+])
 def test_two_gpus_train_one_standard_adapter(trained, tmp_path, engine):
     root, base, _, _ = trained
+    (tmp_path / "zero3.json").write_text(json.dumps(_zero_config(3, gather=False)))
+    flags = {"DDP": [], "FSDP": ["--fsdp", "full_shard auto_wrap"],
+             "ZeRO-3": ["--deepspeed", str(tmp_path / "zero3.json")]}
     out = tmp_path / "run"
-    result = torchrun(2, *lora_recipe(root, base), *engine, "--bf16", "True", "--max_steps", "3",
+    result = torchrun(2, *lora_recipe(root, base), *flags[engine], "--bf16", "True", "--max_steps", "3",
                       "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none",
                       "--output_dir", str(out), cpu=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    if not engine:  # DDP: every rank holds the whole adapter, trained on the fused path
+    if engine == "DDP":  # every rank holds the whole adapter, trained on the fused path
         assert "LLM LoRA on the fused fast path" in result.stdout
         assert_both_ranks_agree(result.stdout)
     assert_trained_adapter(base, out)
