@@ -36,7 +36,13 @@ from internvl.archs import llm_arch, resolve
 from internvl.model.chat_config import InternVLChatConfig
 from internvl.model.internvl_chat import InternVLChatModel
 from internvl.zoo import official_config
-from internvl.lora.fused import checkpointable_layers, enable_fast_lora, fit_checkpointing, set_checkpointed_layers
+from internvl.lora.fused import (
+    CheckpointPlan,
+    checkpointable_layers,
+    enable_fast_lora,
+    fit_checkpointing,
+    set_checkpointed_layers,
+)
 
 SHAPES = {
     # InternVL2.5-8B's LLM (InternLM2.5-7B-chat)
@@ -91,7 +97,6 @@ def build_vlm(layers: int | None, dtype: torch.dtype, seed: int = 0) -> InternVL
     model.wrap_llm_lora(r=16, lora_alpha=32, lora_dropout=0.05)
     randomize_lora_b(model.language_model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.language_model.enable_input_require_grads()
     return model.train()
 
 
@@ -170,8 +175,9 @@ def useful_flops(llm: nn.Module, tokens: int, vision: nn.Module | None = None) -
     config = llm.get_base_model().config
     linear = sum(m.weight.numel() for m in llm.modules() if isinstance(m, nn.Linear))
     flops = 4 * linear * tokens + 6 * tokens**2 * config.hidden_size * config.num_hidden_layers
-    if vision is not None:  # frozen and without gradients: forward only, 1,025 tokens a tile
-        flops += 2 * sum(p.numel() for p in vision.parameters()) * TILES * 1025
+    if vision is not None:  # frozen and without gradients: forward only, the class token and the patches
+        tile_tokens = (vision.config.image_size // vision.config.patch_size) ** 2 + 1
+        flops += 2 * sum(p.numel() for p in vision.parameters()) * TILES * tile_tokens
     return flops
 
 
@@ -192,6 +198,11 @@ def vlm_batch(model: InternVLChatModel, seq: int, dtype: torch.dtype) -> dict:
     batch["pixel_values"] = torch.randn(TILES, 3, size, size, device="cuda", generator=generator, dtype=dtype)
     batch["image_flags"] = torch.ones(TILES, dtype=torch.long, device="cuda")
     return batch
+
+
+def plan_label(plan: CheckpointPlan) -> str:
+    """A plan as the table's layers column shows it."""
+    return f"{plan.keep} kept, {plan.recompute_mlp} MLP"
 
 
 def run(name: str, args) -> list[dict]:
@@ -237,15 +248,16 @@ def run(name: str, args) -> list[dict]:
     if args.profile:
         profile(model, batch)
     seconds, peak = time_steps(model, batch, args.warmup, args.steps)
-    rows.append(dict(config="fast", seconds=seconds, peak=peak, plan=f"{plan.keep} kept, {plan.recompute_mlp} MLP",
-                     loss_diff=loss_diff, grad_diff=grad_diff))
+    rows.append(dict(config="fast", seconds=seconds, peak=peak, plan=plan_label(plan), loss_diff=loss_diff,
+                     grad_diff=grad_diff))
     layer_count = len(checkpointable_layers(llm))
-    extra = [("fast, all ckpt", 0, 0), ("fast, all MLP", 0, layer_count)] if args.plans else []
-    extra += [("fast, no ckpt", layer_count, 0)] if args.no_checkpointing else []
-    for config, keep, recompute_mlp in extra:
-        set_checkpointed_layers(llm, keep, recompute_mlp)
+    extra = [("fast, all ckpt", CheckpointPlan()), ("fast, all MLP", CheckpointPlan(recompute_mlp=layer_count))]
+    extra = extra if args.plans else []
+    extra += [("fast, no ckpt", CheckpointPlan(keep=layer_count))] if args.no_checkpointing else []
+    for config, fixed in extra:
+        set_checkpointed_layers(llm, fixed)
         seconds, peak = time_steps(model, batch, args.warmup, args.steps)
-        rows.append(dict(config=config, seconds=seconds, peak=peak, plan=f"{keep} kept, {recompute_mlp} MLP"))
+        rows.append(dict(config=config, seconds=seconds, peak=peak, plan=plan_label(fixed)))
     handle.restore()
     layers = llm.get_base_model().config.num_hidden_layers
     label = f"{name} (InternLM2 LLM + InternViT-300M)" if name == VLM else name

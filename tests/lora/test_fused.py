@@ -13,6 +13,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from internvl.archs import llm_arch, resolve
 from internvl.lora.fused import (
+    RECOMPUTE_GATE_UP,
     CheckpointPlan,
     GatedLoraA,
     LinearLora,
@@ -252,6 +253,20 @@ def test_restore_puts_peft_back_and_adapter_format_is_unchanged(tmp_path):
     assert model(input_ids=input_ids, labels=labels).logits is not None
 
 
+def test_two_models_share_the_rotary_swap_until_both_restore():
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    own = qwen2.apply_rotary_pos_emb
+    assert own is not apply_rotary_pos_emb
+    first = enable_fast_lora(tiny_peft_llm("Qwen2ForCausalLM"))
+    second = enable_fast_lora(tiny_peft_llm("Qwen2ForCausalLM"))
+    assert first.counts["rotary"] == second.counts["rotary"] == 1
+    first.restore()
+    assert qwen2.apply_rotary_pos_emb is apply_rotary_pos_emb  # the second model still runs on it
+    second.restore()
+    assert qwen2.apply_rotary_pos_emb is own
+
+
 @pytest.mark.parametrize("plan", [CheckpointPlan(keep=1), CheckpointPlan(recompute_mlp=1),
                                   CheckpointPlan(keep=1, recompute_mlp=1), CheckpointPlan(recompute_mlp=2)])
 def test_every_checkpoint_plan_gives_the_same_gradients_with_dropout(plan):
@@ -259,12 +274,12 @@ def test_every_checkpoint_plan_gives_the_same_gradients_with_dropout(plan):
     grads = []
     for checkpointed in (False, True):
         model = tiny_peft_llm("Qwen2ForCausalLM", dropout=0.3)
-        enable_fast_lora(model)
-        if checkpointed:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
-        torch.manual_seed(3)
-        model(input_ids=input_ids, labels=labels).loss.backward()
+        with enable_fast_lora(model):
+            if checkpointed:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                set_checkpointed_layers(model, plan)
+            torch.manual_seed(3)
+            model(input_ids=input_ids, labels=labels).loss.backward()
         grads.append(lora_grads(model))
     for name, grad in grads[1].items():
         torch.testing.assert_close(grad, grads[0][name], **TIGHT, msg=name)
@@ -274,7 +289,6 @@ def test_every_checkpoint_plan_gives_the_same_gradients_with_dropout(plan):
 def test_mlp_recompute_runs_gate_and_up_again_and_checkpointing_runs_the_whole_layer(monkeypatch):
     model = tiny_peft_llm("Qwen2ForCausalLM")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    enable_fast_lora(model)
     names = {id(m.base_layer.weight): n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "base_layer")}
     calls = []
     linear = nn.functional.linear
@@ -285,11 +299,12 @@ def test_mlp_recompute_runs_gate_and_up_again_and_checkpointing_runs_the_whole_l
 
     monkeypatch.setattr(nn.functional, "linear", counting_linear)
     runs = {}
-    for plan in (CheckpointPlan(keep=2), CheckpointPlan(recompute_mlp=2), CheckpointPlan()):
-        set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
-        calls.clear()
-        model(input_ids=batch()[0], labels=batch()[1]).loss.backward()
-        runs[plan] = {name: calls.count(name) for name in set(calls) - {None}}
+    with enable_fast_lora(model):
+        for plan in (CheckpointPlan(keep=2), CheckpointPlan(recompute_mlp=2), CheckpointPlan()):
+            set_checkpointed_layers(model, plan)
+            calls.clear()
+            model(input_ids=batch()[0], labels=batch()[1]).loss.backward()
+            runs[plan] = {name: calls.count(name) for name in set(calls) - {None}}
     assert set(runs[CheckpointPlan(keep=2)].values()) == {LAYERS}  # each projection once per layer
     assert runs[CheckpointPlan(recompute_mlp=2)] == {**runs[CheckpointPlan(keep=2)], "gate_proj": 2 * LAYERS,
                                                      "up_proj": 2 * LAYERS}
@@ -306,18 +321,17 @@ def test_fit_checkpointing_fills_the_budget_with_the_cheapest_recompute_first(mo
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # a checkpointed layer holds 1 unit, an MLP-recomputed one 4, a kept one 10, on top of 100 units of weights
     def memory(plan_layers):
-        flags = [(l.gradient_checkpointing, getattr(l.mlp, "fast_lora_recompute_gate_up")) for l in plan_layers]
+        flags = [(l.gradient_checkpointing, getattr(l.mlp, RECOMPUTE_GATE_UP)) for l in plan_layers]
         return 100 + sum(1 if ckpt else 4 if recompute else 10 for ckpt, recompute in flags)
 
     layer_list = model.get_base_model().model.layers
     for name in ("synchronize", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: memory(layer_list))
-    steps = []
-    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=100 + 6 * 4) == CheckpointPlan(0, 6)
-    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=100 + 6 + 3 * 3) == CheckpointPlan(0, 3)
-    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=100 + 4 * 4 + 2 * 10) == CheckpointPlan(2, 4)
-    assert fit_checkpointing(model, lambda: steps.append(1), budget_bytes=10**9) == CheckpointPlan(6, 0)
+    assert fit_checkpointing(model, lambda: None, budget_bytes=100 + 6 * 4) == CheckpointPlan(0, 6)
+    assert fit_checkpointing(model, lambda: None, budget_bytes=100 + 6 + 3 * 3) == CheckpointPlan(0, 3)
+    assert fit_checkpointing(model, lambda: None, budget_bytes=100 + 4 * 4 + 2 * 10) == CheckpointPlan(2, 4)
+    assert fit_checkpointing(model, lambda: None, budget_bytes=10**9) == CheckpointPlan(6, 0)
     assert [l.gradient_checkpointing for l in layer_list] == [False] * 6
 
 
@@ -336,7 +350,6 @@ def test_unsupported_configurations_are_refused_with_the_reason():
 def test_checkpointed_layers_do_not_recompute_the_down_projection(arch, monkeypatch):
     model = tiny_peft_llm(arch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    enable_fast_lora(model)
     down_weights = {id(m.base_layer.weight) for n, m in model.named_modules() if n.endswith(("down_proj", "w2"))}
     calls = []
     linear = nn.functional.linear
@@ -346,9 +359,10 @@ def test_checkpointed_layers_do_not_recompute_the_down_projection(arch, monkeypa
         return linear(x, weight, bias)
 
     monkeypatch.setattr(nn.functional, "linear", counting_linear)
-    loss = model(input_ids=batch()[0], labels=batch()[1]).loss
-    forward_calls = sum(calls)
-    loss.backward()
+    with enable_fast_lora(model):
+        loss = model(input_ids=batch()[0], labels=batch()[1]).loss
+        forward_calls = sum(calls)
+        loss.backward()
     assert forward_calls == LAYERS
     assert sum(calls) == LAYERS  # the recompute stopped after the last saved tensor, before the down GEMM
     # while every other projection ran twice (forward and recompute)
@@ -384,7 +398,6 @@ def test_whole_internvl_step_on_the_fused_path_gets_peft_gradients(arch, tokeniz
     model.requires_grad_(False)
     model.wrap_llm_lora(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, verbose=False)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.language_model.enable_input_require_grads()
     batch = build_batch(model, tokenizer)
     ref = model(**batch).loss
     ref.backward()
@@ -393,7 +406,7 @@ def test_whole_internvl_step_on_the_fused_path_gets_peft_gradients(arch, tokeniz
 
     llm = model.language_model
     with enable_fast_lora(llm):
-        set_checkpointed_layers(llm, keep=0, recompute_mlp=len(checkpointable_layers(llm)))
+        set_checkpointed_layers(llm, CheckpointPlan(recompute_mlp=len(checkpointable_layers(llm))))
         loss = model(**batch).loss
         loss.backward()
     torch.testing.assert_close(loss, ref, **TIGHT)

@@ -137,14 +137,14 @@ class Projection:
     dropout: float  # the adapter-input dropout rate, 0.0 when not training
 
 
-def _dropped(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`x` times the 0/1 keep-mask (keep probability 1 - p) of `seed`; no 1/(1-p) scaling. `out` may be x."""
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """`x` times the 0/1 keep-mask (keep probability 1 - p) of `seed`; no 1/(1-p) scaling."""
     if x.is_cuda:  # one Triton pass, the mask drawn in-register
         from internvl.lora.kernels import apply_keep_mask
 
-        return apply_keep_mask(x, p, seed, out)
+        return apply_keep_mask(x, p, seed)
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    return torch.mul(x, torch.empty_like(x).bernoulli_(1.0 - p, generator=generator), out=out)
+    return x * torch.empty_like(x).bernoulli_(1.0 - p, generator=generator)
 
 
 def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -180,15 +180,15 @@ def _lora_a_grad(dh, x2, p: float, seed: int):
     return dh.t() @ (x2 if p == 0.0 else _dropped(x2, p, seed))
 
 
-def _add_lora_input_grad(dh, lora_a, p: float, seed: int, base, out=None):
-    """base + drop(dh A) (no 1/(1-p)): the adapter's share of the input gradient added to `base`; `out` may be base."""
+def _add_lora_input_grad_(dh, lora_a, p: float, seed: int, base) -> None:
+    """base += drop(dh A) (no 1/(1-p)): the adapter's share of the input gradient, added in place."""
     lora_a = lora_a.to(dh.dtype)
     if p == 0.0:
-        return base.addmm_(dh, lora_a) if out is base else torch.addmm(base, dh, lora_a, out=out)
-    if kernels := _kernels_for(base, p):
-        return kernels.add_lora_input_grad(dh, lora_a, p, seed, base, out)
-    lora = _dropped(dh @ lora_a, p, seed)
-    return torch.add(base, lora, out=out)
+        base.addmm_(dh, lora_a)
+    elif kernels := _kernels_for(base, p):
+        kernels.add_lora_input_grad(dh, lora_a, p, seed, base, out=base)
+    else:
+        base.add_(_dropped(dh @ lora_a, p, seed))
 
 
 def _base_plus_lora_b(x2, proj: Projection, h, lora_b):
@@ -211,7 +211,7 @@ def _lora_backward(x2, dy2, h, proj: Projection, seed, lora_a, lora_b, dx2, need
     grad_a = _lora_a_grad(dh, x2, proj.dropout, seed)  # [r, in]
     if need_dx:
         dx2 = dy2 @ proj.weight if dx2 is None else dx2.addmm_(dy2, proj.weight)  # the frozen base's share
-        _add_lora_input_grad(dh, lora_a, proj.dropout, seed, dx2, out=dx2)
+        _add_lora_input_grad_(dh, lora_a, proj.dropout, seed, dx2)
     return dx2, grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype)
 
 
@@ -219,7 +219,8 @@ def _input_to_save(ctx, x: torch.Tensor) -> torch.Tensor:
     """What a LoRA node saves of its input x: x, or when x is an RMSNorm's output, the norm's input.
 
     The norm saves its input anyway, so a node fed by a norm keeps no tensor of its own alive (two [tokens,
-    hidden] tensors less per decoder layer) and backward recomputes x from it, one elementwise pass.
+    hidden] tensors less per decoder layer) and backward recomputes x from it: one elementwise pass per node the
+    norm feeds (three where q, k and v are separate projections, one for InternLM2's packed wqkv).
     """
     source = getattr(x, NORM_INPUT, None)
     ctx.norm = None if source is None else source[1:]
@@ -301,7 +302,7 @@ class GatedLoraA(torch.autograd.Function):
         # in place: act feeds only LinearLoraB, whose backward made dact, so no one else reads it (and backward's
         # peak, the highest of the whole step, is one [tokens, intermediate] tensor lower)
         dact2 = dact.view_as(act)
-        _add_lora_input_grad(dh, down_a, p, down_seed, dact2, out=dact2)  # [N, intermediate]
+        _add_lora_input_grad_(dh, down_a, p, down_seed, dact2)  # [N, intermediate]
         del act
         dgate, dup = _kernel(_swiglu_backward, gate)(dact2, gate, up)
         del gate, up, dact2
@@ -545,6 +546,10 @@ def unsupported_reasons(model: nn.Module) -> list[str]:
     return reasons
 
 
+# Modeling modules whose apply_rotary_pos_emb is swapped: module -> (its own function, handles using the swap).
+_ROTARY_SWAPS: dict[ModuleType, tuple[object, int]] = {}
+
+
 class FastLoRA:
     """The handle `enable_fast_lora` returns: what it swapped, and `restore()` to put PEFT's forwards back.
 
@@ -554,7 +559,7 @@ class FastLoRA:
     def __init__(self, model: PeftModel):
         self.model = model
         self._swapped: list[nn.Module] = []
-        self._rotary: list[tuple[ModuleType, object]] = []  # (modeling module, its own apply_rotary_pos_emb)
+        self._rotary: list[ModuleType] = []  # modeling modules whose apply_rotary_pos_emb this handle swapped
         self.counts = {"lora_linears": 0, "gated_mlps": 0, "rms_norms": 0, "fused_loss": 0, "rotary": 0}
 
     def _swap(self, module: nn.Module, forward, kind: str) -> None:
@@ -564,17 +569,24 @@ class FastLoRA:
 
     def _swap_rotary(self, modeling: ModuleType) -> None:
         # The attention layers call their modeling module's `apply_rotary_pos_emb` by name, so the function is
-        # swapped in that module (for every model of that class in the process, until restore()).
-        self._rotary.append((modeling, modeling.apply_rotary_pos_emb))
+        # swapped in that module, for every model of that class in the process: the module's own function comes
+        # back when the last handle using the swap restores.
+        original, users = _ROTARY_SWAPS.get(modeling, (modeling.apply_rotary_pos_emb, 0))
+        _ROTARY_SWAPS[modeling] = (original, users + 1)
         modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+        self._rotary.append(modeling)
         self.counts["rotary"] += 1
 
     def restore(self) -> None:
         """Put every swapped module's own forward, and each modeling module's rotary function, back."""
         for module in reversed(self._swapped):
             del module.forward
-        for modeling, original in reversed(self._rotary):
-            modeling.apply_rotary_pos_emb = original
+        for modeling in reversed(self._rotary):
+            original, users = _ROTARY_SWAPS.pop(modeling)
+            if users > 1:
+                _ROTARY_SWAPS[modeling] = (original, users - 1)
+            else:
+                modeling.apply_rotary_pos_emb = original
         self._swapped.clear()
         self._rotary.clear()
 
@@ -624,8 +636,7 @@ def enable_fast_lora(model: PeftModel) -> FastLoRA:
             handle._swap(module, _fused_rms_norm_forward(module), "rms_norms")
     handle.counts["lora_linears"] += 3 * handle.counts["gated_mlps"]
     for name in sorted({type(m).__module__ for m in checkpointable_layers(llm)} & STANDARD_ROTARY_MODULES):
-        if getattr(sys.modules[name], "apply_rotary_pos_emb", apply_rotary_pos_emb) is not apply_rotary_pos_emb:
-            handle._swap_rotary(sys.modules[name])
+        handle._swap_rotary(sys.modules[name])
     head = llm.get_output_embeddings()
     if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
         handle._swap(llm, _fused_loss_forward(llm, head, llm.forward), "fused_loss")
@@ -666,8 +677,8 @@ class CheckpointPlan:
         return f"{self.keep} kept, {self.recompute_mlp} MLP-recomputed, the rest checkpointed"
 
 
-def set_checkpointed_layers(model: nn.Module, keep: int, recompute_mlp: int = 0) -> None:
-    """Apply `CheckpointPlan(keep, recompute_mlp)` (gradient checkpointing must be enabled).
+def set_checkpointed_layers(model: nn.Module, plan: CheckpointPlan) -> None:
+    """Apply `plan` to the model's decoder layers (gradient checkpointing must be enabled).
 
     The last layers are the ones to keep: their activations are freed first in backward, before the
     checkpointed layers recompute theirs. MLP recompute acts on `enable_fast_lora`'s fused gated MLPs.
@@ -677,10 +688,10 @@ def set_checkpointed_layers(model: nn.Module, keep: int, recompute_mlp: int = 0)
         raise ValueError("enable gradient checkpointing first (model.gradient_checkpointing_enable())")
     for i, layer in enumerate(layers):
         from_end = len(layers) - i
-        layer.gradient_checkpointing = from_end > keep + recompute_mlp
+        layer.gradient_checkpointing = from_end > plan.keep + plan.recompute_mlp
         for module in layer.modules():
             if hasattr(module, "act_fn"):
-                setattr(module, RECOMPUTE_GATE_UP, keep < from_end <= keep + recompute_mlp)
+                setattr(module, RECOMPUTE_GATE_UP, plan.keep < from_end <= plan.keep + plan.recompute_mlp)
 
 
 def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: int = 2) -> CheckpointPlan:
@@ -694,7 +705,7 @@ def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: in
     """
 
     def peak(plan: CheckpointPlan) -> int:
-        set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
+        set_checkpointed_layers(model, plan)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         train_step()
@@ -713,5 +724,5 @@ def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: in
     while (plan.keep or plan.recompute_mlp) and peak(plan) > budget_bytes:
         plan = (CheckpointPlan(plan.keep - 1, plan.recompute_mlp + 1) if plan.keep
                 else CheckpointPlan(0, plan.recompute_mlp - 1))
-    set_checkpointed_layers(model, plan.keep, plan.recompute_mlp)
+    set_checkpointed_layers(model, plan)
     return plan

@@ -38,14 +38,14 @@ def _apply_keep_mask_kernel(x_ptr, out_ptr, n, seed, p, BLOCK: tl.constexpr):
     tl.store(out_ptr + offsets, tl.where(keep, x, 0.0).to(x.dtype), mask=valid)
 
 
-def apply_keep_mask(x: torch.Tensor, p: float, seed: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def apply_keep_mask(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """`x` with the elements that dropout (rate p, `seed`) drops set to zero; no 1/(1-p) scaling.
 
-    `out` may be `x` itself. Element i's fate depends only on (seed, i), so equal seeds give equal masks.
+    Element i's fate depends only on (seed, i), so equal seeds give equal masks.
     """
     if not x.is_contiguous() or x.numel() >= 2**31:
         raise ValueError("apply_keep_mask needs a contiguous tensor of fewer than 2**31 elements")
-    out = torch.empty_like(x) if out is None else out
+    out = torch.empty_like(x)
     block = 4096
     _apply_keep_mask_kernel[(triton.cdiv(x.numel(), block),)](x, out, x.numel(), seed, p, BLOCK=block)
     return out
@@ -103,7 +103,10 @@ def _lora_a_grad_kernel(dh_ptr, x_ptr, grad_ptr, n_rows, k, r, rows_per_program,
 
 
 def lora_a_grad(dh: torch.Tensor, x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """dh^T @ drop(x) in float32, for dh [N, r] and x [N, K] (same dtype); no 1/(1-p) scaling."""
+    """dh^T @ drop(x) in float32, for dh [N, r] and x [N, K] (same dtype); no 1/(1-p) scaling.
+
+    Row blocks add their partial sums atomically, in no fixed order: two runs may differ in the last bits.
+    """
     _check(x)
     n_rows, k = x.shape
     r = dh.shape[1]

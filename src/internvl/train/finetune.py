@@ -273,9 +273,9 @@ def enable_fast_path(trainer: InternVLTrainer, model: InternVLChatModel, model_a
         return None
     print(f"LLM LoRA on the fused fast path: {handle}")
     if model_args.grad_checkpoint and model_args.recompute_mlp_only:
-        layers = len(checkpointable_layers(model.language_model))
-        set_checkpointed_layers(model.language_model, keep=0, recompute_mlp=layers)
-        print(f"LLM layers: {CheckpointPlan(0, layers)}")
+        plan = CheckpointPlan(recompute_mlp=len(checkpointable_layers(model.language_model)))
+        set_checkpointed_layers(model.language_model, plan)
+        print(f"LLM layers: {plan}")
     return handle
 
 
