@@ -55,10 +55,13 @@ def run_finetune(args: argparse.Namespace) -> int:
     from internvl.train.args import parse_finetune_args
     from internvl.train.finetune import finetune
 
-    result = finetune(*parse_finetune_args(args.rest))
-    if torch.distributed.is_initialized():
-        # Left to interpreter exit, gloo's threads can abort a rank ("terminate called without an active exception").
-        torch.distributed.destroy_process_group()
+    try:
+        result = finetune(*parse_finetune_args(args.rest))
+    finally:
+        if torch.distributed.is_initialized():
+            # Left to interpreter exit, gloo's threads can abort a rank ("terminate called without an active
+            # exception"), a refused run's too.
+            torch.distributed.destroy_process_group()
     print(f"adapters, tokenizer and manifest written to {result.output_dir}")
     return 0
 

@@ -13,7 +13,6 @@ exits with status 1 when anything is wrong.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -154,7 +153,8 @@ def _check_task(task: _Task) -> list[SampleError]:
 
 
 def settings_from_config(config: dict) -> dict:
-    """validate_dataset's model settings from a checkpoint's config.json (defaults: the official config's)."""
+    """`SampleBuilder`'s model settings (keyword arguments) from a checkpoint's config.json (defaults: the official
+    config's)."""
     if not config.get("template"):
         raise ValueError("config.json has no 'template' (the conversation template name)")
     vision = config.get("vision_config") or {}

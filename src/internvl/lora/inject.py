@@ -29,9 +29,9 @@ class ParamCounts(NamedTuple):
 
 
 def count_params(module: nn.Module) -> ParamCounts:
-    """Count the trainable and all parameters of `module`."""
-    params = list(module.parameters())
-    return ParamCounts(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+    """Count the trainable and all parameters of `module` (under DeepSpeed ZeRO-3, full sizes, not local shards)."""
+    sizes = [(p.requires_grad, getattr(p, "ds_numel", p.numel())) for p in module.parameters()]
+    return ParamCounts(sum(size for trains, size in sizes if trains), sum(size for _, size in sizes))
 
 
 def _matches(name: str, suffix: str) -> bool:
@@ -70,8 +70,8 @@ def add_lora(
     if isinstance(module, PeftModel):
         raise ValueError(
             f"{type(module.get_base_model()).__name__} already carries LoRA adapters (r={lora_rank(module)}); "
-            "wrapping again "
-            "would nest them. Merge them first (`internvl-lora merge`) or start from the base checkpoint."
+            "wrapping again would nest them. Merge them first (`internvl-lora merge`) or start from the base "
+            "checkpoint."
         )
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")

@@ -390,10 +390,11 @@ class InternLM2Model(InternLM2PreTrainedModel):
         hidden_states = inputs_embeds  # (batch, seq, hidden)
         seq_len = hidden_states.shape[1]
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # Only a caller's positions can mark packed samples (the default never restarts at 0): only they are checked.
+        mask = attention_mask_for_sdpa(attention_mask, past_length, seq_len, hidden_states.device, position_ids)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
         position_embeddings = self.rotary_emb(position_ids, seq_len=past_length + seq_len)
-        mask = attention_mask_for_sdpa(attention_mask, past_length, seq_len, hidden_states.device, position_ids)
 
         all_hidden_states = () if output_hidden_states else None
         for layer in self.layers:

@@ -45,7 +45,6 @@ class InternVLChatModel(PreTrainedModel):
     base_model_prefix = "language_model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["InternVisionEncoderLayer"]  # and the LLM's decoder layer, set per instance
 
     def __init__(self, config: InternVLChatConfig, vision_model=None, language_model=None):
         super().__init__(config)
@@ -59,8 +58,9 @@ class InternVLChatModel(PreTrainedModel):
         )
         self.vision_model = vision_model or InternVisionModel(config.vision_config)
         self.language_model = language_model or resolve(self.arch.model_class)(config.llm_config)
-        # Only classes the model holds: FSDP's auto-wrap (and device maps) refuse a listed class they cannot find.
-        self._no_split_modules = ["InternVisionEncoderLayer", *(self.language_model._no_split_modules or [])]
+        # The parts' own layer classes, and only those: FSDP's auto-wrap (and device maps) refuse a listed class
+        # the model does not hold.
+        self._no_split_modules = [*self.vision_model._no_split_modules, *(self.language_model._no_split_modules or [])]
         self.mlp1 = build_mlp1(
             config.vision_config.hidden_size, config.llm_config.hidden_size, config.downsample_ratio
         )
@@ -93,12 +93,13 @@ class InternVLChatModel(PreTrainedModel):
         (`use_dora`, `use_rslora`, `init_lora_weights`, ...) go to `peft.LoraConfig`. Sets
         `config.use_llm_lora = r` and returns (and prints) the LLM's trainable and total parameter counts.
         """
+        target_parameters = self.arch.lora_target_parameters if target_modules is None else ()
         if lora_dropout is None:
-            lora_dropout = 0.0 if self.arch.lora_target_parameters and target_modules is None else OFFICIAL_DROPOUT
+            lora_dropout = 0.0 if target_parameters else OFFICIAL_DROPOUT
         self.language_model = add_lora(
             self.language_model,
             self.arch.lora_targets if target_modules is None else target_modules,
-            target_parameters=self.arch.lora_target_parameters if target_modules is None else (),
+            target_parameters=target_parameters,
             r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, task_type="CAUSAL_LM", **peft_options,
         )
         # Under gradient checkpointing a frozen embedding would cut the graph before the first LoRA layer.
@@ -110,14 +111,16 @@ class InternVLChatModel(PreTrainedModel):
         return counts
 
     def wrap_backbone_lora(
-        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float = OFFICIAL_DROPOUT, *, target_modules=None,
+        self, r: int = 128, lora_alpha: int = 256, lora_dropout: float | None = None, *, target_modules=None,
         verbose: bool = True, **peft_options,
     ) -> ParamCounts:
-        """Wrap the InternViT in PEFT LoRA on `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`."""
+        """Wrap the InternViT in PEFT LoRA on `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2` (`lora_dropout` None:
+        the official 0.05)."""
         self.vision_model = add_lora(
             self.vision_model,
             VISION_LORA_TARGETS if target_modules is None else target_modules,
-            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **peft_options,
+            r=r, lora_alpha=lora_alpha, lora_dropout=OFFICIAL_DROPOUT if lora_dropout is None else lora_dropout,
+            **peft_options,
         )
         self.config.use_backbone_lora = r
         counts = count_params(self.vision_model)

@@ -248,19 +248,11 @@ class InternVisionModel(PreTrainedModel):
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-        elif isinstance(module, LlamaRMSNorm):
-            init.ones_(module.weight)
-        elif isinstance(module, InternVisionEmbeddings):
-            init.normal_(module.class_embedding, std=std)
-            init.normal_(module.position_embedding, std=std)
+        # transformers' default covers the linears, the convolution and the norms; these parameters are InternViT's.
+        super()._init_weights(module)
+        if isinstance(module, InternVisionEmbeddings):
+            init.normal_(module.class_embedding, std=self.config.initializer_range)
+            init.normal_(module.position_embedding, std=self.config.initializer_range)
         elif isinstance(module, InternVisionEncoderLayer):
             init.constant_(module.ls1, self.config.initializer_factor)
             init.constant_(module.ls2, self.config.initializer_factor)

@@ -34,6 +34,7 @@ from internvl.lora.fused import (
     maybe_enable_fast_lora,
     set_checkpointed_layers,
 )
+from internvl.lora.inject import count_params
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from internvl.model.projector import num_image_tokens
 from internvl.train import outputs
@@ -101,8 +102,7 @@ def prepare_model(
         _freeze(model.language_model)
     if model_args.use_backbone_lora:
         r = model_args.use_backbone_lora
-        dropout = {} if model_args.lora_dropout is None else {"lora_dropout": model_args.lora_dropout}
-        model.wrap_backbone_lora(r=r, lora_alpha=2 * r, **dropout)
+        model.wrap_backbone_lora(r=r, lora_alpha=2 * r, lora_dropout=model_args.lora_dropout)
     if model_args.use_llm_lora:
         r = model_args.use_llm_lora
         extra = {"modules_to_save": [head]} if model_args.unfreeze_lm_head else {}
@@ -150,7 +150,7 @@ class InternVLTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
         with deepspeed.zero.GatheredParameters(list(trainable.values())):  # a collective: every rank gathers
-            state_dict = {name: param.detach().cpu().clone() for name, param in trainable.items()}
+            state_dict = {name: param.detach().cpu() for name, param in trainable.items()}  # GPU -> CPU: a copy
         self._save(output_dir, state_dict=state_dict)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -266,7 +266,8 @@ def enable_fast_path(trainer: InternVLTrainer, model: InternVLChatModel, model_a
     if not (model_args.fast_lora and model_args.use_llm_lora):
         return None
     if trainer.shards_parameters:
-        logger.warning("Fast LoRA off under FSDP / DeepSpeed (sharded weights): PEFT's own layers train the LLM")
+        logger.warning("Fast LoRA off under FSDP / DeepSpeed (the engine owns the weights): PEFT's own layers "
+                       "train the LLM")
         return None
     handle = maybe_enable_fast_lora(model.language_model)
     if handle is None:
@@ -292,12 +293,9 @@ def trainable_digest(model: torch.nn.Module) -> str:
 def check_ranks_agree(model: torch.nn.Module, sharded: bool) -> None:
     """Compare the trainable weights of every process of a distributed run; raise if any rank diverged.
 
-    Nothing to compare in one process, nor when FSDP / DeepSpeed leave each rank a different shard.
+    Nothing to compare in one process, nor under FSDP / DeepSpeed, which leave each rank its own shard.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if sharded:
-        logger.info("weights sharded across ranks (FSDP / DeepSpeed): no per-rank copies to compare")
+    if sharded or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     digest = trainable_digest(model)
     digests = [None] * torch.distributed.get_world_size()
@@ -306,12 +304,6 @@ def check_ranks_agree(model: torch.nn.Module, sharded: bool) -> None:
         raise RuntimeError(f"ranks ended with different trainable weights (digests per rank: {digests})")
     print(f"rank {torch.distributed.get_rank()}: all {len(digests)} ranks hold identical trainable weights "
           f"(sha256 {digest})")
-
-
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; under ZeRO-3 each parameter's full size, not its local shard's."""
-    sizes = [(param.requires_grad, getattr(param, "ds_numel", param.numel())) for param in model.parameters()]
-    return sum(size for trains, size in sizes if trains), sum(size for _, size in sizes)
 
 
 @dataclass
@@ -344,9 +336,9 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     base_config = model.config.to_dict()
     resume = resume_checkpoint(training_args, base_config, model_args.force_base_model)
     model = prepare_model(model, tokenizer, model_args, data_args)
+    counts = count_params(model)
     if training_args.process_index == 0:
-        trainable, total = parameter_counts(model)
-        print(f"trainable: {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        print(f"trainable: {counts.trainable:,} of {counts.total:,} parameters ({counts.share:.3f}%)")
     builder = SampleBuilder(
         tokenizer,
         template_name=data_args.conv_style,
@@ -378,14 +370,12 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
     check_ranks_agree(model, sharded=trainer.shards_parameters)
     trainer.save_model(training_args.output_dir)
-    if hasattr(train_dataset, "skip_report"):
-        train_dataset.skip_report()
+    train_dataset.skip_report()
     losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
     output_dir = Path(training_args.output_dir)
-    trainable, total = parameter_counts(model)
     if trainer.args.should_save and losses:
         write_loss_curve(losses, output_dir / "loss_curve.png")
         (output_dir / "loss_history.json").write_text(json.dumps(losses) + "\n")
     if trainer.args.should_save and model_args.save_full_model:
         outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, base_path)
-    return FinetuneResult(output_dir, losses, trainable, total)
+    return FinetuneResult(output_dir, losses, counts.trainable, counts.total)
