@@ -77,7 +77,7 @@ def test_finetune_writes_standard_peft_adapters_tokenizer_manifest_and_loss_curv
         assert (folder / "llm_adapter" / "adapter_config.json").is_file(), folder
         assert (folder / "llm_adapter" / "adapter_model.safetensors").is_file(), folder
         assert (folder / "tokenizer.json").is_file(), folder
-    assert not list(out.glob(".staging/*"))
+    assert not (out / ".staging").exists()  # emptied and removed after each checkpoint
     assert (out / "loss_curve.png").stat().st_size > 1000
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base_model"] == str(base) and manifest["lora"]["language_model"]["r"] == 4
@@ -319,6 +319,99 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(traine
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
+
+
+def _adapter_bytes(folder) -> bytes:
+    return (folder / "llm_adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_finished_run_run_again_trains_nothing_and_more_steps_train_on(trained, tmp_path):
+    root, base, _, _ = trained
+    out = tmp_path / "run"
+    # A constant schedule: a step more would change the adapter (a decayed one has no learning rate left).
+    args = [*lora_recipe(root, base), "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "2",
+            "--lr_scheduler_type", "constant", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out)]
+    first = cli(*args)  # --logging_steps (500) longer than the run: no step is logged
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (out / "loss_curve.png").is_file()
+    assert [step for step, _ in json.loads((out / "loss_history.json").read_text())] == [2]  # the run's mean loss
+    adapter = _adapter_bytes(out)
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{out}: the run already finished at step 2; nothing to train" in again.stdout
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert _adapter_bytes(out) == adapter
+
+    longer = cli(*[arg if arg != "2" else "3" for arg in args])  # --max_steps 3
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in longer.stdout
+    assert (out / "checkpoint-3").is_dir() and _adapter_bytes(out) != adapter
+
+
+def test_a_finished_run_without_checkpoints_run_again_trains_nothing_and_never_retrains(trained, tmp_path):
+    root, base, _, _ = trained
+    out = tmp_path / "run"
+    # The official defaults besides the LLM's LoRA: the ViT and the projector train fully; the summary says so.
+    args = [*lora_recipe(root, base), "--freeze_backbone", "False", "--freeze_mlp", "False", "--max_steps", "2",
+            "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out)]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    vit = sum(p.numel() for p in InternVLChatModel.from_pretrained(base).vision_model.parameters())
+    assert f"vision_model fully ({vit:,}: --freeze_backbone True freezes it)" in first.stdout
+    assert re.search(r"mlp1 fully \([\d,]+: --freeze_mlp True freezes it\); language_model LoRA r=4", first.stdout)
+    adapter = _adapter_bytes(out)
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the run already finished at step 2; nothing to train" in again.stdout
+    assert _adapter_bytes(out) == adapter
+
+    longer = cli(*[arg if arg != "2" else "3" for arg in args])
+    assert longer.returncode == 2
+    assert longer.stderr.strip().splitlines()[-1] == (
+        f"internvl-lora finetune: error: --output_dir {out}: holds a finished run of 2 steps and no checkpoint-N to "
+        "continue it to 3 steps (it was saved with --save_strategy no); pass another --output_dir")
+    assert _adapter_bytes(out) == adapter
+
+
+def test_ctrl_c_leaves_intact_checkpoints_and_one_line_naming_the_last_and_how_to_resume(trained, tmp_path):
+    import signal
+    import time
+
+    root, base, _, _ = trained
+    out = tmp_path / "run"
+    args = [*lora_recipe(root, base), "--max_steps", "300", "--save_steps", "5", "--report_to", "none",
+            "--use_cpu", "True", "--disable_tqdm", "True", "--output_dir", str(out)]
+    process = subprocess.Popen([sys.executable, "-m", "internvl.cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-5").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert not (out / "llm_adapter").exists(), "the run finished before it could be interrupted"
+    assert "Traceback" not in stderr
+    last = max((path for path in out.glob("checkpoint-*")), key=lambda path: int(path.name.split("-")[1]))
+    assert stderr.strip().splitlines()[-1] == (
+        f"internvl-lora finetune: interrupted; the last complete checkpoint is {last}: run the same command again to "
+        "resume from it")
+    resumed = cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {last}" in resumed.stdout
+    assert (out / "checkpoint-300").is_dir() and not (out / "checkpoint-301").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused_and_kept(trained, tmp_path):
+    root, base, _, _ = trained
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    result = cli(*lora_recipe(root, base), "--use_cpu", "True", "--output_dir", str(target))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"internvl-lora finetune: error: --output_dir {target}: is a file, not a folder; pass a folder to write to")
+    assert target.read_text() == "mine"
 
 
 def test_resuming_from_a_checkpoint_of_another_base_model_is_refused_before_training(trained, tokenizer, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 DEMO_OUTPUT_DIR = "demo-output"  # where `demo` (and `finetune` with no arguments) writes
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 def _load_config(model: str):
@@ -53,16 +55,22 @@ def run_finetune(args: argparse.Namespace) -> int:
     if not args.rest:
         return run_demo(argparse.Namespace(output_dir=DEMO_OUTPUT_DIR))
     from internvl.train.args import parse_finetune_args
-    from internvl.train.finetune import finetune
+    from internvl.train.finetune import finetune, interrupted_message
 
+    model_args, data_args, training_args = parse_finetune_args(args.rest)
+    # A scheduler's or torchrun's SIGTERM stops the run as Ctrl-C does: one line, checkpoints intact.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        result = finetune(*parse_finetune_args(args.rest))
+        result = finetune(model_args, data_args, training_args)
+    except KeyboardInterrupt:
+        print(f"internvl-lora finetune: {interrupted_message(training_args.output_dir)}", file=sys.stderr)
+        return INTERRUPTED
     finally:
         if torch.distributed.is_initialized():
             # Left to interpreter exit, gloo's threads can abort a rank ("terminate called without an active
             # exception"), a refused run's too.
             torch.distributed.destroy_process_group()
-    print(f"adapters, tokenizer and manifest written to {result.output_dir}")
+    print(f"adapters, tokenizer and manifest in {result.output_dir}")
     return 0
 
 
@@ -173,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"internvl-lora {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # what was being written is in a staging folder, removed on the way out
+        print(f"internvl-lora {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

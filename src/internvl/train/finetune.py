@@ -7,6 +7,7 @@ This module decides only what the official recipe decides, fixes its known bugs,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -184,6 +185,8 @@ class InternVLTrainer(Trainer):
             if os.path.exists(target):
                 shutil.rmtree(target)
             os.replace(os.path.join(run_dir, ".staging", name), target)
+            with contextlib.suppress(OSError):  # empty now, unless another writer is busy in it
+                os.rmdir(os.path.join(run_dir, ".staging"))
             self._rotate(run_dir)
         self.accelerator.wait_for_everyone()
 
@@ -223,6 +226,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     for spec in read_meta(meta_path):
         if not os.path.isfile(spec.annotation):
             raise FileNotFoundError(f"{meta_path}: dataset {spec.name!r}: annotation file {spec.annotation} not found")
+    if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
+        raise ValueError(f"--output_dir {training_args.output_dir}: is a file, not a folder; pass a folder to write to")
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
@@ -306,6 +311,82 @@ def check_ranks_agree(model: torch.nn.Module, sharded: bool) -> None:
           f"(sha256 {digest})")
 
 
+FINISHED_STATE = "trainer_state.json"  # written into output_dir last: the run finished and its outputs are complete
+
+
+class RunFinished(Exception):
+    """The run has already trained every step it was asked for; `from_outputs`: its weights are in output_dir's own
+    final outputs (there was no checkpoint to resume from)."""
+
+    def __init__(self, step: int, from_outputs: bool):
+        super().__init__(step)
+        self.step, self.from_outputs = step, from_outputs
+
+
+class FinishedRunGuard(TrainerCallback):
+    """Stop a re-run of a finished run before it trains a step.
+
+    Resumed at its last step, the HF Trainer still trains one more (and saves checkpoint-N+1), so every re-run of a
+    finished command would change its adapter. `finished` is the state the run wrote into output_dir when it ended.
+    """
+
+    def __init__(self, output_dir: str, finished: TrainerState | None):
+        self.output_dir, self.finished = output_dir, finished
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Called once the checkpoint (if any) is loaded and `state.max_steps` is this run's total."""
+        if state.global_step >= state.max_steps:
+            raise RunFinished(state.global_step, from_outputs=False)
+        if state.global_step == 0 and self.finished is not None:  # nothing to resume, but a finished run is here
+            if self.finished.global_step >= state.max_steps:
+                raise RunFinished(self.finished.global_step, from_outputs=True)
+            raise ValueError(
+                f"--output_dir {self.output_dir}: holds a finished run of {self.finished.global_step} steps and no "
+                f"checkpoint-N to continue it to {state.max_steps} steps (it was saved with --save_strategy no); "
+                "pass another --output_dir"
+            )
+
+
+def finished_state(output_dir: str | os.PathLike) -> TrainerState | None:
+    """The final state of the run that finished in `output_dir`, or None when none did."""
+    path = Path(output_dir) / FINISHED_STATE
+    return TrainerState.load_from_json(str(path)) if path.is_file() else None
+
+
+def interrupted_message(output_dir: str | os.PathLike) -> str:
+    """One line for a run stopped by Ctrl-C or SIGTERM: what is safe on disk, and how to go on."""
+    last = get_last_checkpoint(str(output_dir)) if os.path.isdir(output_dir) else None
+    if last is None:
+        return (f"interrupted before the first checkpoint: nothing was saved in {output_dir} (checkpoints are written "
+                "every --save_steps); the same command starts afresh")
+    return f"interrupted; the last complete checkpoint is {last}: run the same command again to resume from it"
+
+
+# Each part of the model: the config field of its LoRA rank, and the flag that freezes it.
+_PARTS = {"vision_model": ("use_backbone_lora", "--freeze_backbone"), "mlp1": (None, "--freeze_mlp"),
+          "language_model": ("use_llm_lora", "--freeze_llm")}
+
+
+def describe_trainable(model: InternVLChatModel) -> str:
+    """Which parts train and how, e.g. `language_model LoRA r=16 (37,748,736); mlp1 fully (33,570,816: --freeze_mlp
+    True freezes it)`: the official defaults train the ViT and projector fully beside an LLM LoRA."""
+    parts = []
+    for name, (rank_field, freeze_flag) in _PARTS.items():
+        module = getattr(model, name)
+        counts = count_params(module)
+        lora = sum(getattr(p, "ds_numel", p.numel()) for n, p in module.named_parameters()
+                   if p.requires_grad and "lora_" in n)
+        how = [f"LoRA r={getattr(model.config, rank_field)} ({lora:,})"] if lora else []
+        rest = counts.trainable - lora
+        if rest == counts.total:
+            how.append(f"fully ({rest:,}: {freeze_flag} True freezes it)")
+        elif rest:
+            how.append(f"{rest:,} weights outside LoRA")
+        if how:
+            parts.append(f"{name} {' + '.join(how)}")
+    return "; ".join(parts)
+
+
 @dataclass
 class FinetuneResult:
     """What a fine-tune produced: the output folder, the loss history and the trainable counts."""
@@ -316,12 +397,39 @@ class FinetuneResult:
     total_params: int
 
 
+def training_losses(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(step, loss) of every logged step; a run shorter than --logging_steps logs none, then its mean loss at its
+    last step (the Trainer's `train_loss`)."""
+    losses = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry]
+    if not losses:
+        losses = [(entry["step"], entry["train_loss"]) for entry in log_history if "train_loss" in entry][-1:]
+    return losses
+
+
+def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments) -> None:
+    """Adapters, loss history and curve, the merged model if asked, and last the finished state that marks them
+    complete (a run interrupted before that writes them again when re-run)."""
+    output_dir = Path(trainer.args.output_dir)
+    if trainer.args.should_save:  # a finished state from an earlier, shorter run no longer describes the outputs
+        (output_dir / FINISHED_STATE).unlink(missing_ok=True)
+    trainer.save_model(str(output_dir))
+    losses = training_losses(trainer.state.log_history)
+    if trainer.args.should_save and losses:
+        (output_dir / "loss_history.json.tmp").write_text(json.dumps(losses) + "\n")
+        os.replace(output_dir / "loss_history.json.tmp", output_dir / "loss_history.json")
+        write_loss_curve(losses, output_dir / "loss_curve.png")
+    if trainer.args.should_save and model_args.save_full_model:
+        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, trainer.base_path)
+    trainer.save_state()  # the marker: written on the main process only
+
+
 def finetune(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
              model: InternVLChatModel | None = None, tokenizer=None) -> FinetuneResult:
     """Train per the arguments; write adapters, tokenizer, manifest, loss curve (and the merged model) to output_dir.
 
     `model` / `tokenizer` may be passed in (the demo builds its own); otherwise both load from
-    `model_args.model_name_or_path`.
+    `model_args.model_name_or_path`. Run again, it resumes from the last checkpoint in output_dir; a finished run
+    trains nothing.
     """
     set_seed(training_args.seed)
     base_path = model_args.model_name_or_path
@@ -335,10 +443,12 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         tokenizer = load_tokenizer(base_path, data_args.max_seq_length)
     base_config = model.config.to_dict()
     resume = resume_checkpoint(training_args, base_config, model_args.force_base_model)
+    finished = finished_state(training_args.output_dir)
     model = prepare_model(model, tokenizer, model_args, data_args)
     counts = count_params(model)
     if training_args.process_index == 0:
-        print(f"trainable: {counts.trainable:,} of {counts.total:,} parameters ({counts.share:.3f}%)")
+        print(f"trainable: {counts.trainable:,} of {counts.total:,} parameters ({counts.share:.3f}%): "
+              f"{describe_trainable(model)}")
     builder = SampleBuilder(
         tokenizer,
         template_name=data_args.conv_style,
@@ -360,22 +470,29 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
+        callbacks=[FinishedRunGuard(training_args.output_dir, finished)],
     )
     check_sharding(trainer, model_args)
     fast = enable_fast_path(trainer, model, model_args)
-    trainer.train(resume_from_checkpoint=resume)
-    if fast is not None:
-        fast.restore()
+    trained = True
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except RunFinished as done:
+        trained = False
+        if training_args.process_index == 0:
+            print(f"{training_args.output_dir}: the run already finished at step {done.step}; nothing to train (a "
+                  "larger --max_steps or --num_train_epochs trains on; another --output_dir starts afresh)")
+        if done.from_outputs:
+            outputs.load_outputs_into(model, training_args.output_dir)
+            trainer.state = finished
+    finally:
+        if fast is not None:
+            fast.restore()
     # Training switched the LLM's KV cache off; whatever is saved from here on is for inference.
     model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
     check_ranks_agree(model, sharded=trainer.shards_parameters)
-    trainer.save_model(training_args.output_dir)
+    if trained or finished is None:  # else they are complete; None: interrupted while writing them
+        write_final_outputs(trainer, model, model_args)
     train_dataset.skip_report()
-    losses = [(entry["step"], entry["loss"]) for entry in trainer.state.log_history if "loss" in entry]
-    output_dir = Path(training_args.output_dir)
-    if trainer.args.should_save and losses:
-        write_loss_curve(losses, output_dir / "loss_curve.png")
-        (output_dir / "loss_history.json").write_text(json.dumps(losses) + "\n")
-    if trainer.args.should_save and model_args.save_full_model:
-        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, base_path)
-    return FinetuneResult(output_dir, losses, counts.trainable, counts.total)
+    return FinetuneResult(Path(training_args.output_dir), training_losses(trainer.state.log_history),
+                          counts.trainable, counts.total)
