@@ -535,21 +535,28 @@ def _zero_config(stage: int, gather: bool = True) -> dict:
             "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
 
 
-_SHARDED_ENGINES = [
-    pytest.param(None, id="FSDP"),
-    *[pytest.param(_zero_config(*setting), id=name,
-                   marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed"))
-      for name, setting in [("ZeRO-2", (2,)), ("ZeRO-3", (3,)), ("ZeRO-3-no-gather", (3, False))]],
+_NEEDS_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+# (engine, whether the LLM's LoRA trains on the fused path under it): None is FSDP; a name is an official config
+# file the package holds a copy of (none in the working directory), as the official scripts pass it.
+_ENGINES = [
+    pytest.param(None, False, id="FSDP"),
+    pytest.param("zero_stage1_config.json", True, id="official-ZeRO-1", marks=_NEEDS_DEEPSPEED),
+    *[pytest.param(_zero_config(*setting), fused, id=name, marks=_NEEDS_DEEPSPEED)
+      for name, setting, fused in [("ZeRO-2", (2,), True), ("ZeRO-3", (3,), False),
+                                   ("ZeRO-3-no-gather", (3, False), False)]],
 ]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate applies FSDP and DeepSpeed to GPU runs only")
-@pytest.mark.parametrize("deepspeed", _SHARDED_ENGINES)
-def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tmp_path, deepspeed):
-    """FSDP (`deepspeed` None) or DeepSpeed with that config: train, save adapters, rerun to resume."""
+@pytest.mark.parametrize(("deepspeed", "fused"), _ENGINES)
+def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tmp_path, deepspeed, fused):
+    """FSDP (`deepspeed` None) or DeepSpeed with that config: train (on the fused path where the engine keeps whole
+    weights), save adapters, rerun to resume."""
     root, base, _, _ = trained
     engine = ["--fsdp", "full_shard auto_wrap"]
-    if deepspeed is not None:
+    if isinstance(deepspeed, str):
+        engine = ["--deepspeed", deepspeed]
+    elif deepspeed is not None:
         (tmp_path / "ds.json").write_text(json.dumps(deepspeed))
         engine = ["--deepspeed", str(tmp_path / "ds.json")]
     out = tmp_path / "run"
@@ -557,7 +564,11 @@ def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tm
             "--report_to", "none", "--output_dir", str(out)]
     first = torchrun(1, *args, "--max_steps", "2", cpu=False)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "Fast LoRA off under FSDP / DeepSpeed" in first.stderr
+    assert ("LLM LoRA on the fused fast path" in first.stdout) == fused
+    if not fused:
+        assert "Fast LoRA off, training runs PEFT's own layers:" in first.stderr
+    if isinstance(deepspeed, str):
+        assert f"using internvl-lora's copy of the official {deepspeed}" in first.stdout
     assert (out / "checkpoint-1" / "llm_adapter" / "adapter_model.safetensors").is_file()
     assert_trained_adapter(base, out)
     resumed = torchrun(1, *args, "--max_steps", "3", cpu=False)

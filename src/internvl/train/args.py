@@ -18,6 +18,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from internvl.data.templates import TEMPLATE_NAMES
+from internvl.train.deepspeed_config import resolve_deepspeed_argument
 
 # What `internvl-lora finetune` does when neither the command line nor the config file says otherwise.
 DEFAULTS = {"output_dir": "runs/finetune", "report_to": "tensorboard"}
@@ -124,6 +125,7 @@ def _read_config_file(path: str) -> dict:
 
 def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse `argv` (and the `--config FILE` it may name) into the three argument dataclasses."""
+    argv = resolve_deepspeed_argument(argv)
     if "warmup_ratio" not in TrainingArguments.__dataclass_fields__:
         # transformers 5.2x folded --warmup_ratio into --warmup_steps (a float below 1 is a ratio); official
         # scripts still pass --warmup_ratio.

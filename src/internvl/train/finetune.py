@@ -40,6 +40,7 @@ from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from internvl.model.projector import num_image_tokens
 from internvl.train import outputs
 from internvl.train.args import DataArguments, ModelArguments
+from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
 
 logger = logging.getLogger(__name__)
@@ -262,27 +263,54 @@ def check_sharding(trainer: InternVLTrainer, model_args: ModelArguments) -> None
         )
 
 
-def enable_fast_path(trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments) -> FastLoRA | None:
-    """Put the LLM's LoRA on the fused path where it applies (CUDA, no sharding); None, with the reason, elsewhere.
+def fast_path_off_reason(trainer: InternVLTrainer) -> str | None:
+    """Why the fused path cannot train under this run's engine, or None: FSDP and ZeRO-3 shard each weight and
+    gather it only as its own module runs, while a fused node reads several modules' weights at once. DDP, ZeRO-1
+    and ZeRO-2 keep whole weights on every rank."""
+    if trainer.is_fsdp_enabled:
+        return "FSDP shards the weights the fused nodes read"
+    if trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+        return "DeepSpeed ZeRO-3 shards the weights the fused nodes read (ZeRO-1 and ZeRO-2 keep the fused path)"
+    return None
 
-    Call after the Trainer has placed the model on its device. `--recompute_mlp_only` then trades whole-layer
-    checkpointing for recomputing only each MLP's gate and up outputs.
+
+class FastPathCallback(TrainerCallback):
+    """Put the LLM's LoRA on the fused path once the engine has placed the model on its device (DeepSpeed does that
+    inside `train()`), and put PEFT's layers back when training ends.
+
+    `--recompute_mlp_only` (with `--grad_checkpoint`) then trades whole-layer checkpointing for recomputing only each
+    MLP's gate and up outputs.
     """
-    if not (model_args.fast_lora and model_args.use_llm_lora):
-        return None
-    if trainer.shards_parameters:
-        logger.warning("Fast LoRA off under FSDP / DeepSpeed (the engine owns the weights): PEFT's own layers "
-                       "train the LLM")
-        return None
-    handle = maybe_enable_fast_lora(model.language_model)
-    if handle is None:
-        return None
-    print(f"LLM LoRA on the fused fast path: {handle}")
-    if model_args.grad_checkpoint and model_args.recompute_mlp_only:
-        plan = CheckpointPlan(recompute_mlp=len(checkpointable_layers(model.language_model)))
-        set_checkpointed_layers(model.language_model, plan)
-        print(f"LLM layers: {plan}")
-    return handle
+
+    def __init__(self, trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments):
+        self.trainer, self.model, self.model_args = trainer, model, model_args
+        self.handle: FastLoRA | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        """Swap the fused path in, or log why not."""
+        if not (self.model_args.fast_lora and self.model_args.use_llm_lora):
+            return
+        reason = fast_path_off_reason(self.trainer)
+        if reason is not None:
+            logger.warning("Fast LoRA off, training runs PEFT's own layers: %s", reason)
+            return
+        llm = self.model.language_model
+        self.handle = maybe_enable_fast_lora(llm)
+        if self.handle is None:
+            return
+        if args.process_index == 0:
+            print(f"LLM LoRA on the fused fast path: {self.handle}")
+        if self.model_args.grad_checkpoint and self.model_args.recompute_mlp_only:
+            plan = CheckpointPlan(recompute_mlp=len(checkpointable_layers(llm)))
+            set_checkpointed_layers(llm, plan)
+            if args.process_index == 0:
+                print(f"LLM layers: {plan}")
+
+    def restore(self) -> None:
+        """PEFT's own layers back (the handle is restored once, however often this is called)."""
+        if self.handle is not None:
+            self.handle.restore()
+            self.handle = None
 
 
 def trainable_digest(model: torch.nn.Module) -> str:
@@ -462,6 +490,10 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     )
     train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples)
     training_args.remove_unused_columns = False
+    if training_args.deepspeed:
+        line = avoid_op_builds(training_args.hf_deepspeed_config.config, fused_adam_prebuilt())
+        if line and training_args.process_index == 0:
+            print(line)
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
@@ -473,7 +505,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         callbacks=[FinishedRunGuard(training_args.output_dir, finished)],
     )
     check_sharding(trainer, model_args)
-    fast = enable_fast_path(trainer, model, model_args)
+    fast = FastPathCallback(trainer, model, model_args)
+    trainer.add_callback(fast)
     trained = True
     try:
         trainer.train(resume_from_checkpoint=resume)
@@ -486,8 +519,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
             outputs.load_outputs_into(model, training_args.output_dir)
             trainer.state = finished
     finally:
-        if fast is not None:
-            fast.restore()
+        fast.restore()
     # Training switched the LLM's KV cache off; whatever is saved from here on is for inference.
     model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
     check_ranks_agree(model, sharded=trainer.shards_parameters)
