@@ -76,20 +76,11 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     """`chat MODEL [--adapter DIR] [--image PATH] [QUESTION]`: one answer, or a session without QUESTION."""
-    from internvl.data.tiling import load_image
-    from internvl.data.tokenizer import load_tokenizer
-    from internvl.model.internvl_chat import InternVLChatModel
-    from internvl.train.outputs import load_adapter
+    from internvl.inference import image_tiles, load_for_inference
 
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    model = InternVLChatModel.from_pretrained(args.model, torch_dtype=dtype, device_map="auto").eval()
-    tokenizer = load_tokenizer(args.adapter or args.model)
-    if args.adapter:
-        load_adapter(model, args.adapter, force=args.force_base_model)
-    pixel_values = None
-    if args.image:
-        size = model.config.image_size
-        pixel_values = load_image(args.image, input_size=size, max_num=model.config.max_dynamic_patch)
+    loaded = load_for_inference(args.model, args.adapter, args.force_base_model)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    pixel_values = image_tiles(model, args.image) if args.image else None
     config = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if args.question:
         print(model.chat(tokenizer, pixel_values, args.question, config))

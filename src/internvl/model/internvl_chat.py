@@ -37,6 +37,12 @@ _IGNORED_LOAD_OPTIONS = {"trust_remote_code", "low_cpu_mem_usage", "use_flash_at
 OFFICIAL_DROPOUT = 0.05  # the official trainer's LoRA dropout
 
 
+def decode_answers(tokenizer, output_ids: torch.Tensor, stop_token: str) -> list[str]:
+    """Generated ids [B, T] -> one answer per row: special tokens dropped, cut at the end-of-turn token (a tokenizer
+    may not count it as special), stripped."""
+    return [text.split(stop_token)[0].strip() for text in tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+
 class InternVLChatModel(PreTrainedModel):
     """An InternVL chat model. Build it from an `InternVLChatConfig` or load it with `from_pretrained(folder)`."""
 
@@ -295,8 +301,7 @@ class InternVLChatModel(PreTrainedModel):
             attention_mask=model_inputs["attention_mask"].to(device),
             **generation_config,
         )
-        response = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
-        response = response.split(stop_token)[0].strip()
+        response = decode_answers(tokenizer, output_ids, stop_token)[0]
         history.append((question, response))
         if verbose:
             print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<image>"), response)

@@ -1,0 +1,48 @@
+"""A model loaded to answer questions: a base checkpoint, with or without one adapter folder on it.
+
+`chat`, `eval` and `ui` all load through `load_for_inference`, so that they answer alike: bf16 on a GPU (fp32 on
+the CPU, where bf16 matmuls are slow), the tokenizer the adapter was trained with (else the base's), and an
+adapter trained on another base refused unless forced.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import IO
+
+import torch
+
+from internvl.data.tiling import load_image
+from internvl.data.tokenizer import load_tokenizer
+from internvl.model.internvl_chat import InternVLChatModel
+from internvl.train.outputs import load_adapter
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to answer, its tokenizer, and what it is: `name` is "base" or the adapter folder as given."""
+
+    name: str
+    model: InternVLChatModel
+    tokenizer: object
+    base: str
+    adapter: str | None = None
+
+
+def load_for_inference(base: str | os.PathLike, adapter: str | os.PathLike | None = None,
+                       force_base_model: bool = False) -> LoadedModel:
+    """The checkpoint folder `base` in eval mode on the GPU when there is one, with the adapter folder on it."""
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = InternVLChatModel.from_pretrained(base, torch_dtype=dtype, device_map="auto").eval()
+    if adapter is not None:
+        load_adapter(model, adapter, force=force_base_model)
+    tokenizer = load_tokenizer(adapter or base)
+    name = "base" if adapter is None else str(adapter)
+    return LoadedModel(name, model, tokenizer, str(base), None if adapter is None else str(adapter))
+
+
+def image_tiles(model: InternVLChatModel, image: str | os.PathLike | IO[bytes]) -> torch.Tensor:
+    """An image file (path or open binary file) as `chat` takes it: the model's tiles plus thumbnail [N, 3, H, W]."""
+    return load_image(image, input_size=model.config.image_size, max_num=model.config.max_dynamic_patch)
+
