@@ -98,6 +98,20 @@ def run_chat(args: argparse.Namespace) -> int:
         print(f"model> {answer}")
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    """`eval MODEL --meta_path META [--adapter RUN ...]`: the base and each adapter side by side, files written."""
+    from internvl.evaluation.compare import compare
+    from internvl.evaluation.report import format_table
+    from internvl.evaluation.settings import EvalSettings
+
+    settings = EvalSettings(args.meta_path, args.max_samples, args.seed, args.batch_size, args.max_new_tokens,
+                            args.max_seq_length)
+    evaluated, paths = compare(args.model, args.adapter, settings, args.output_dir, args.force_base_model)
+    print(format_table(evaluated))
+    print(f"per-sample answers: {paths['answers']}; report: {paths['report']}; chart: {paths['chart']}")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """`demo`: the whole pipeline on a tiny model built in code, on the CPU, in a few minutes."""
     from internvl.demo import format_report, run_demo as demo
@@ -109,6 +123,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from internvl.data import validate
+    from internvl.evaluation.settings import EvalSettings
 
     parser = argparse.ArgumentParser(
         prog="internvl-lora", description="Fine-tune InternVL chat models with LoRA, merge and inspect them."
@@ -146,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--force-base-model", action="store_true", help="load an adapter trained on another base")
     chat.set_defaults(func=run_chat)
+
+    evaluate = commands.add_parser(
+        "eval", help="loss and generation metrics of the base and each adapter on held-out data, side by side"
+    )
+    evaluate.add_argument("model", help="base checkpoint folder (official format)")
+    evaluate.add_argument("--meta_path", required=True, metavar="META",
+                          help="meta JSON naming held-out JSONL datasets in the training format")
+    evaluate.add_argument("--adapter", action="append", default=[], metavar="RUN",
+                          help="adapter folder written by finetune (repeat for several)")
+    evaluate.add_argument("--output_dir", default="runs/eval", help="where report.json, answers.jsonl and the chart go")
+    evaluate.add_argument("--max_samples", type=int, metavar="N", help="at most N samples per dataset, seeded choice")
+    evaluate.add_argument("--seed", type=int, default=EvalSettings.seed)
+    evaluate.add_argument("--batch_size", type=int, default=EvalSettings.batch_size, help="samples per batch")
+    evaluate.add_argument("--max_new_tokens", type=int, default=EvalSettings.max_new_tokens)
+    evaluate.add_argument("--max_seq_length", type=int, default=EvalSettings.max_seq_length,
+                          help="longest sample in tokens, images included")
+    evaluate.add_argument("--force-base-model", action="store_true", help="load adapters trained on another base")
+    evaluate.set_defaults(func=run_eval)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
     demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)
