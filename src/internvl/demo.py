@@ -7,6 +7,7 @@
 4. LoRA-fine-tune only the LLM (everything else frozen) on French answers, through `internvl-lora finetune`'s
    own code path, then ask again.
 5. Merge the adapter, check the merged model gives the same answers, and write `report.json`.
+The report ends with the `eval` and `ui` commands that compare the base and the adapter on the held-out set.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, pretrain_steps: int = 400,
     english = write_dataset(data, "english", ("colour", "shape"), 3000, IMAGE_SIZE, seed)
     french = write_dataset(data, "french", ("french",), 800, IMAGE_SIZE, seed + 1)
     held_out = write_dataset(data, "held_out", ("french",), 60, IMAGE_SIZE, seed + 2)
+    held_out_meta = write_meta(data / "held_out.json", {"held_out": held_out})
     english_check = write_dataset(data, "held_out_english", ("colour",), 60, IMAGE_SIZE, seed + 3)
     common = dict(conv_style=TEMPLATE, force_image_size=IMAGE_SIZE, max_seq_length=512, max_dynamic_patch=1)
 
@@ -136,7 +138,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, pretrain_steps: int = 400,
         base_pretrain_accuracy=base_accuracy,
         seconds=round(time.time() - start, 1),
         files={"base": str(base), "adapter": str(adapter), "merged": str(merged_dir),
-               "loss_curve": str(adapter / "loss_curve.png"), "data": str(data)},
+               "loss_curve": str(adapter / "loss_curve.png"), "data": str(data), "held_out": str(held_out_meta)},
     )
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
@@ -158,4 +160,10 @@ def format_report(report: DemoReport) -> str:
         "  files:",
     ]
     lines += [f"    {name:<11}{path}" for name, path in report.files.items()]
+    base, adapter = report.files["base"], report.files["adapter"]
+    lines += [
+        "  compare the base and the adapter: metrics on the held-out set, then side by side in a browser:",
+        f"    internvl-lora eval {base} --adapter {adapter} --meta_path {report.files['held_out']}",
+        f"    internvl-lora ui {base} --adapter {adapter}",
+    ]
     return "\n".join(lines)
