@@ -1,4 +1,4 @@
-"""`internvl-lora eval` as a real subprocess."""
+"""`internvl-lora eval` and `finetune --eval_meta_path` as real subprocesses."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -42,3 +43,31 @@ def test_eval_of_the_demo_s_outputs_gives_the_demo_s_figures_side_by_side(demo_r
     assert table[2].split()[:3] == ["held_out", adapter["name"], "60"]
     assert Image.open(out / "report.png").size == (900, 400)
 
+
+def test_finetune_logs_the_eval_loss_to_tensorboard_and_draws_it_on_the_loss_curve(eval_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = eval_run
+    (run,) = {path.parent for path in out.glob("runs/*/events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval/loss")] == [2, 4]
+    curve = np.asarray(Image.open(out / "loss_curve.png").convert("RGB"))
+    orange = (255, 127, 14)  # matplotlib's tab:orange, the eval series' colour (nothing else in the plot has it)
+    assert (curve == orange).all(axis=-1).sum() > 50
+
+
+def test_finetune_ends_with_the_trained_model_s_eval_report(eval_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, result = eval_run
+    report = json.loads((out / "eval" / "report.json").read_text())
+    (model,) = report["models"]
+    assert model["name"] == str(out)
+    (run,) = {path.parent for path in out.glob("runs/*/events.out.tfevents.*")}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    # Eight samples in one eval batch: the Trainer's eval loss at the last step is the token mean eval reports.
+    assert model["results"]["held_out"]["loss"] == pytest.approx(events.Scalars("eval/loss")[-1].value, rel=1e-4)
+    assert len((out / "eval" / "answers.jsonl").read_text().splitlines()) == 8
+    assert f"eval report, per-sample answers and chart in {out / 'eval'}" in result.stdout

@@ -205,6 +205,8 @@ def _write_bad_data(folder, images) -> None:
         pytest.param(["--no_such_option", "1"], "unknown argument(s): --no_such_option 1", id="unknown flag"),
         pytest.param(["--meta_path", "{tmp}/none.json"], "--meta_path {tmp}/none.json: no such file",
                      id="missing meta file"),
+        pytest.param(["--eval_meta_path", "{tmp}/none.json"], "--eval_meta_path {tmp}/none.json: no such file",
+                     id="missing eval meta file"),
         pytest.param(["--meta_path", "{tmp}/no_jsonl.json"],
                      "{tmp}/no_jsonl.json: dataset 'no_jsonl': annotation file {tmp}/no_jsonl.jsonl not found",
                      id="missing JSONL"),

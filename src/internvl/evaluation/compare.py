@@ -1,4 +1,5 @@
-"""The base and each adapter side by side on the same samples: what `internvl-lora eval` runs.
+"""The base and each adapter side by side on the same samples (what `internvl-lora eval` runs), and the model a
+fine-tune has just trained (what `finetune --eval_meta_path` runs at its end).
 
 The models are evaluated one after the other: the base, then each adapter put onto a fresh load of the base, each
 freed before the next loads. Memory holds one model whatever the number of adapters, at the price of reading the
@@ -16,7 +17,7 @@ import torch
 
 from internvl.evaluation.evaluate import evaluate_model
 from internvl.evaluation.settings import EvalSettings
-from internvl.evaluation.report import Evaluated, write_report
+from internvl.evaluation.report import Evaluated, format_table, write_report
 from internvl.inference import load_for_inference
 
 
@@ -37,3 +38,15 @@ def compare(base: str | os.PathLike, adapters: list[str], settings: EvalSettings
             torch.cuda.empty_cache()
     return evaluated, write_report(output_dir, settings, str(base), evaluated)
 
+
+EVAL_DIR = "eval"  # the folder of a fine-tune's output folder that its final evaluation is written to
+
+
+def evaluate_trained(model, tokenizer, settings: EvalSettings, run_dir: str | os.PathLike, base: str | None) -> Path:
+    """Evaluate the model in memory that a fine-tune into `run_dir` trained, write the report into `run_dir/eval`
+    and print its table; returns that folder."""
+    folder = Path(run_dir) / EVAL_DIR
+    evaluated = [Evaluated(str(run_dir), str(run_dir), evaluate_model(model, tokenizer, settings, str(run_dir)))]
+    write_report(folder, settings, str(base), evaluated)
+    print(format_table(evaluated))
+    return folder

@@ -91,6 +91,11 @@ class DataArguments:
     skip_bad_samples: bool = field(
         default=False, metadata={"help": "Skip unreadable samples (counted and reported) instead of stopping."}
     )
+    eval_meta_path: str | None = field(
+        default=None,
+        metadata={"help": "Meta JSON of held-out data: its loss is logged per --eval_strategy, and at the end the "
+                          "loss and generation metrics go to OUTPUT_DIR/eval."},
+    )
 
     def __post_init__(self):
         if self.conv_style not in TEMPLATE_NAMES:

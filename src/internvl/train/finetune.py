@@ -219,14 +219,17 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
             f"--model_name_or_path {model_path}: no such folder. Weights are never downloaded here: fetch the "
             "checkpoint first (e.g. `huggingface-cli download OpenGVLab/InternVL2_5-8B --local-dir DIR`) and pass DIR"
         )
-    meta_path = data_args.meta_path
-    if meta_path is None:
+    if data_args.meta_path is None:
         raise ValueError("--meta_path is required: the meta JSON naming the training JSONL files")
-    if not os.path.isfile(meta_path):
-        raise FileNotFoundError(f"--meta_path {meta_path}: no such file")
-    for spec in read_meta(meta_path):
-        if not os.path.isfile(spec.annotation):
-            raise FileNotFoundError(f"{meta_path}: dataset {spec.name!r}: annotation file {spec.annotation} not found")
+    for flag, meta_path in (("--meta_path", data_args.meta_path), ("--eval_meta_path", data_args.eval_meta_path)):
+        if meta_path is None:
+            continue
+        if not os.path.isfile(meta_path):
+            raise FileNotFoundError(f"{flag} {meta_path}: no such file")
+        for spec in read_meta(meta_path):
+            if not os.path.isfile(spec.annotation):
+                raise FileNotFoundError(f"{meta_path}: dataset {spec.name!r}: annotation file {spec.annotation} not "
+                                        "found")
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
         raise ValueError(f"--output_dir {training_args.output_dir}: is a file, not a folder; pass a folder to write to")
     resume = training_args.resume_from_checkpoint
@@ -434,9 +437,34 @@ def training_losses(log_history: list[dict]) -> list[tuple[int, float]]:
     return losses
 
 
-def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments) -> None:
-    """Adapters, loss history and curve, the merged model if asked, and last the finished state that marks them
-    complete (a run interrupted before that writes them again when re-run)."""
+def evaluation_losses(log_history: list[dict]) -> list[tuple[int, float]]:
+    """(step, eval loss) of every evaluation during training (--eval_strategy)."""
+    return [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+
+
+def write_eval_report(trainer: InternVLTrainer, model: InternVLChatModel, data_args: DataArguments) -> None:
+    """The trained model's loss and generation metrics on --eval_meta_path, into OUTPUT_DIR/eval (on the main
+    process; not under FSDP or DeepSpeed, which leave each rank a shard of the weights to generate with)."""
+    if not trainer.args.should_save:
+        return
+    if trainer.shards_parameters:
+        print("generation metrics skipped under FSDP / DeepSpeed; measure them afterwards: internvl-lora eval "
+              f"{trainer.base_path or 'BASE'} --adapter {trainer.args.output_dir} "
+              f"--meta_path {data_args.eval_meta_path}")
+        return
+    from internvl.evaluation.compare import evaluate_trained  # sacrebleu and rouge-score: only when asked
+    from internvl.evaluation.settings import EvalSettings
+
+    settings = EvalSettings(data_args.eval_meta_path, batch_size=trainer.args.per_device_eval_batch_size,
+                            max_seq_length=data_args.max_seq_length)
+    folder = evaluate_trained(model, trainer.processing_class, settings, trainer.args.output_dir, trainer.base_path)
+    print(f"eval report, per-sample answers and chart in {folder}")
+
+
+def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments,
+                        data_args: DataArguments) -> None:
+    """Adapters, loss history and curve, the eval report if asked, the merged model if asked, and last the finished
+    state that marks them complete (a run interrupted before that writes them again when re-run)."""
     output_dir = Path(trainer.args.output_dir)
     if trainer.args.should_save:  # a finished state from an earlier, shorter run no longer describes the outputs
         (output_dir / FINISHED_STATE).unlink(missing_ok=True)
@@ -445,7 +473,9 @@ def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, mode
     if trainer.args.should_save and losses:
         (output_dir / "loss_history.json.tmp").write_text(json.dumps(losses) + "\n")
         os.replace(output_dir / "loss_history.json.tmp", output_dir / "loss_history.json")
-        write_loss_curve(losses, output_dir / "loss_curve.png")
+        write_loss_curve(losses, output_dir / "loss_curve.png", evaluation_losses(trainer.state.log_history))
+    if data_args.eval_meta_path:
+        write_eval_report(trainer, model, data_args)
     if trainer.args.should_save and model_args.save_full_model:
         outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, trainer.base_path)
     trainer.save_state()  # the marker: written on the main process only
@@ -489,7 +519,9 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         max_seq_length=data_args.max_seq_length,
     )
     train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples)
+    eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
     training_args.remove_unused_columns = False
+    training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
     if training_args.deepspeed:
         line = avoid_op_builds(training_args.hf_deepspeed_config.config, fused_adam_prebuilt())
         if line and training_args.process_index == 0:
@@ -498,6 +530,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         model=model,
         args=training_args,
         train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         data_collator=Collator(pad_token_id=tokenizer.pad_token_id, image_size=data_args.force_image_size),
         processing_class=tokenizer,
         base_config=base_config,
@@ -524,7 +557,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
     check_ranks_agree(model, sharded=trainer.shards_parameters)
     if trained or finished is None:  # else they are complete; None: interrupted while writing them
-        write_final_outputs(trainer, model, model_args)
+        write_final_outputs(trainer, model, model_args, data_args)
     train_dataset.skip_report()
     return FinetuneResult(Path(training_args.output_dir), training_losses(trainer.state.log_history),
                           counts.trainable, counts.total)
