@@ -112,6 +112,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ui(args: argparse.Namespace) -> int:
+    """`ui MODEL [--adapter RUN ...]`: the local web page comparing the base and each adapter."""
+    from internvl.ui.server import serve
+
+    serve(args.model, args.adapter, args.host, args.port, args.force_base_model)
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """`demo`: the whole pipeline on a tiny model built in code, on the CPU, in a few minutes."""
     from internvl.demo import format_report, run_demo as demo
@@ -124,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from internvl.data import validate
     from internvl.evaluation.settings import EvalSettings
+    from internvl.ui import DEFAULT_HOST, DEFAULT_PORT
 
     parser = argparse.ArgumentParser(
         prog="internvl-lora", description="Fine-tune InternVL chat models with LoRA, merge and inspect them."
@@ -179,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="longest sample in tokens, images included")
     evaluate.add_argument("--force-base-model", action="store_true", help="load adapters trained on another base")
     evaluate.set_defaults(func=run_eval)
+
+    ui = commands.add_parser("ui", help="a local web page: ask the base and each adapter side by side, see the runs")
+    ui.add_argument("model", help="base checkpoint folder (official format)")
+    ui.add_argument("--adapter", action="append", default=[], metavar="RUN",
+                    help="adapter folder written by finetune (repeat for several); each holds a copy of the base")
+    ui.add_argument("--host", default=DEFAULT_HOST,
+                    help="address to listen on (default: this machine only; anyone who reaches it runs the models)")
+    ui.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free one; the address is printed)")
+    ui.add_argument("--force-base-model", action="store_true", help="load adapters trained on another base")
+    ui.set_defaults(func=run_ui)
 
     demo = commands.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
     demo.add_argument("--output-dir", default=DEMO_OUTPUT_DIR)

@@ -1,4 +1,5 @@
-"""A model loaded to answer questions: a base checkpoint, with or without one adapter folder on it.
+"""A model loaded to answer questions (a base checkpoint, with or without one adapter folder on it), and its answers
+streamed as they are generated.
 
 `chat`, `eval` and `ui` all load through `load_for_inference`, so that they answer alike: bf16 on a GPU (fp32 on
 the CPU, where bf16 matmuls are slow), the tokenizer the adapter was trained with (else the base's), and an
@@ -8,10 +9,13 @@ adapter trained on another base refused unless forced.
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
 import torch
+from transformers import TextIteratorStreamer
 
 from internvl.data.tiling import load_image
 from internvl.data.tokenizer import load_tokenizer
@@ -46,3 +50,30 @@ def image_tiles(model: InternVLChatModel, image: str | os.PathLike | IO[bytes]) 
     """An image file (path or open binary file) as `chat` takes it: the model's tiles plus thumbnail [N, 3, H, W]."""
     return load_image(image, input_size=model.config.image_size, max_num=model.config.max_dynamic_patch)
 
+
+def stream_chat(loaded: LoadedModel, pixel_values: torch.Tensor | None, question: str,
+                generation_config: dict) -> Iterator[str]:
+    """`model.chat`'s answer as it grows: the text so far after each new piece, and last the answer `chat`
+    returns (stripped, cut at the end-of-turn token). Generation runs in a thread; its error is raised here."""
+    streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    outcome = {}
+
+    def answer() -> None:
+        try:
+            outcome["answer"] = loaded.model.chat(loaded.tokenizer, pixel_values, question,
+                                                  {**generation_config, "streamer": streamer})
+        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, raised there
+            outcome["error"] = error
+            streamer.end()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        if piece:
+            yield text
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    yield outcome["answer"]

@@ -1,0 +1,186 @@
+"""`internvl-lora ui`: a local web page that asks the base and each adapter the same question, side by side.
+
+A standard-library threaded HTTP server (no web framework to install) serves one page and a small JSON API:
+
+    GET  /                            the page (`page.html`)
+    GET  /api/models                  who answers: index, name, base, adapter
+    POST /api/answer                  {"model", "question", "image" (a data URL, or null), "max_new_tokens",
+                                      "temperature" (0: greedy), "top_p"} -> server-sent events: {"text"} as the
+                                      answer grows, then {"answer", "seconds"}, or {"error"}
+    GET  /api/runs/I                  the training view of model I's adapter folder (`runs.training_view`)
+    GET  /api/runs/I/loss_curve.png   its loss curve
+
+The page sends one request per model at once, and the server answers them in parallel threads. Every model stays
+loaded while the page is served: the base, and one more copy of the base per adapter (`eval` loads one at a
+time instead). It listens on 127.0.0.1 unless told otherwise, since whoever reaches the port runs the models.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import re
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from internvl.inference import LoadedModel, image_tiles, load_for_inference, stream_chat
+from internvl.ui import DEFAULT_HOST, DEFAULT_PORT
+from internvl.ui.runs import LOSS_CURVE, training_view
+
+PAGE = Path(__file__).with_name("page.html")
+MAX_REQUEST_BYTES = 32 * 2**20  # an uploaded photo, base64-encoded, with room to spare
+
+
+def generation_config(request: dict) -> dict:
+    """The `chat` generation settings a request asks for: greedy at temperature 0, else sampled."""
+    max_new_tokens = int(request.get("max_new_tokens", 256))
+    temperature = float(request.get("temperature", 0.0))
+    top_p = float(request.get("top_p", 1.0))
+    if not 1 <= max_new_tokens <= 4096:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be within 1-4096")
+    if not 0 <= temperature <= 5:
+        raise ValueError(f"temperature {temperature}: must be within 0-5")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p {top_p}: must be above 0 and at most 1")
+    if temperature == 0:
+        return dict(max_new_tokens=max_new_tokens, do_sample=False)
+    return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
+
+
+def decode_image(data_url: str) -> io.BytesIO:
+    """The file of a base64 data URL (what the page's file reader gives)."""
+    header, _, payload = data_url.partition(",")
+    if not (header.startswith("data:") and header.endswith(";base64")):
+        raise ValueError("image: expected a base64 data URL")
+    try:
+        return io.BytesIO(base64.b64decode(payload, validate=True))
+    except binascii.Error as error:
+        raise ValueError(f"image: not base64: {error}") from None
+
+
+def describe(index: int, loaded: LoadedModel) -> dict:
+    """What the page says about a model."""
+    return {"index": index, "name": loaded.name, "base": loaded.base, "adapter": loaded.adapter}
+
+
+def read_question(request: dict, models: list[LoadedModel]) -> tuple[LoadedModel, str, torch.Tensor | None, dict]:
+    """The model an answer request names, its question, the image's tiles (None without one) and the generation
+    settings; ValueError saying what is wrong with the request."""
+    try:
+        loaded = models[int(request["model"])]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ValueError(f"model {request.get('model')!r}: no such model; there are {len(models)}") from None
+    question = str(request.get("question") or "").strip()
+    if not question:
+        raise ValueError("ask a question")
+    config = generation_config(request)
+    pixel_values = None
+    if request.get("image"):
+        try:
+            pixel_values = image_tiles(loaded.model, decode_image(request["image"]))
+        except OSError as error:  # PIL's error for a file that is no image it knows
+            raise ValueError(f"image: not an image file this server can read ({type(error).__name__})") from None
+    return loaded, question, pixel_values, config
+
+
+class UIServer(ThreadingHTTPServer):
+    """The page's server; `models[i]` answers the page's column i."""
+
+    daemon_threads = True  # a request still generating does not hold the process open on Ctrl-C
+
+    def __init__(self, address: tuple[str, int], models: list[LoadedModel]):
+        self.models = models
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: UIServer
+
+    def log_message(self, format, *args):  # noqa: A002 - the base class's name
+        """No access log: the terminal keeps the address line."""
+
+    def do_GET(self):
+        path = urlparse(self.path).path
+        if path == "/":
+            self._send(200, "text/html; charset=utf-8", PAGE.read_bytes())
+            return
+        if path == "/api/models":
+            self._json(200, [describe(i, loaded) for i, loaded in enumerate(self.server.models)])
+            return
+        match = re.fullmatch(r"/api/runs/(\d+)(/loss_curve\.png)?", path)
+        run = self._adapter(int(match.group(1))) if match else None
+        if run is None:
+            self._json(404, {"error": f"{path}: no such page"})
+        elif not match.group(2):
+            self._json(200, training_view(run))
+        elif (Path(run) / LOSS_CURVE).is_file():
+            self._send(200, "image/png", (Path(run) / LOSS_CURVE).read_bytes())
+        else:
+            self._json(404, {"error": f"{run}: no {LOSS_CURVE}"})
+
+    def do_POST(self):
+        if urlparse(self.path).path != "/api/answer":
+            self._json(404, {"error": f"{self.path}: no such page"})
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_REQUEST_BYTES:
+            self._json(413, {"error": f"request of {length} bytes; at most {MAX_REQUEST_BYTES}"})
+            return
+        try:
+            request = json.loads(self.rfile.read(length))
+            if not isinstance(request, dict):
+                raise ValueError("expected a JSON object")
+            loaded, question, pixel_values, config = read_question(request, self.server.models)
+        except ValueError as error:  # json's errors are ValueErrors too
+            self._json(400, {"error": str(error)})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        start, text = time.time(), ""
+        try:
+            for text in stream_chat(loaded, pixel_values, question, config):
+                self._event({"text": text})
+            self._event({"answer": text, "seconds": round(time.time() - start, 2)})
+        except (BrokenPipeError, ConnectionResetError):  # the page went away
+            return
+        except Exception as error:  # noqa: BLE001 - whatever generation raised, shown in the model's column
+            self._event({"error": f"{type(error).__name__}: {error}"})
+
+    def _adapter(self, index: int) -> str | None:
+        """Model `index`'s adapter folder, or None (no such model, or the base)."""
+        return self.server.models[index].adapter if index < len(self.server.models) else None
+
+    def _event(self, data: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
+        self.wfile.flush()
+
+    def _json(self, status: int, data) -> None:
+        self._send(status, "application/json", json.dumps(data, ensure_ascii=False).encode())
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def serve(base: str | os.PathLike, adapters: list[str], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          force_base_model: bool = False) -> None:
+    """Load the base and each adapter on it, then serve the page until interrupted (port 0: any free port);
+    prints the page's address once it listens."""
+    models = [load_for_inference(base, adapter, force_base_model) for adapter in [None, *adapters]]
+    with UIServer((host, port), models) as server:
+        host, port = server.server_address[:2]
+        names = ", ".join(loaded.name for loaded in models)
+        print(f"internvl-lora ui: http://{host}:{port}/ ({names}); Ctrl-C stops it", flush=True)
+        server.serve_forever()

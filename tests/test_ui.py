@@ -1,0 +1,116 @@
+"""`internvl-lora ui` as a real subprocess on the demo's base and adapter, driven in a real headless Chromium.
+
+The chat-tab screenshot goes to $INTERNVL_UI_SCREENSHOT when set (the README's docs/ui.png comes from there),
+else into the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402 - after the skip when selenium is absent
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian's chromium and chromium-driver packages")
+QUESTION = "Quelle est la couleur de la forme?"
+
+
+@pytest.fixture(scope="module")
+def page(demo_run, tmp_path_factory):
+    """The page's address, served by `ui` on the demo's base and adapter on a free port (named as a user in the
+    demo's folder names them)."""
+    log = tmp_path_factory.mktemp("ui") / "stderr.txt"
+    name = demo_run.out.name
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "internvl.cli", "ui", f"{name}/base", "--adapter", f"{name}/adapter", "--port", "0"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=demo_run.out.parent)
+    line = process.stdout.readline()  # the address, once it listens; "" if it died
+    assert line.startswith("internvl-lora ui: http://127.0.0.1:"), log.read_text()[-3000:]
+    yield line.split()[2]
+    process.terminate()
+    process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1200,640"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+def expected_answers(demo_run, image) -> list[str]:
+    """What `chat` answers with the base and with the adapter, as the page asks (greedy, 8 new tokens)."""
+    from internvl.inference import image_tiles, load_for_inference
+
+    answers = []
+    for adapter in (None, demo_run.out / "adapter"):
+        loaded = load_for_inference(demo_run.out / "base", adapter)
+        tiles = image_tiles(loaded.model, image)
+        answers.append(loaded.model.chat(loaded.tokenizer, tiles, QUESTION, dict(max_new_tokens=8, do_sample=False)))
+    return answers
+
+
+def test_the_page_shows_the_base_s_and_the_adapter_s_answers_side_by_side(page, browser, demo_run, tmp_path):
+    held_out = demo_run.out / "data" / "held_out"
+    first = json.loads((held_out / "data.jsonl").read_text().splitlines()[0])
+    image, reference = held_out / first["image"], first["conversations"][1]["value"]
+    browser.get(page)
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda driver: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    headers = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".column h2")]
+    who = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".column .who")]
+    assert headers == ["base model", "adapter"]
+    name = demo_run.out.name
+    assert who == [f"{name}/base", f"{name}/adapter on {name}/base"]
+
+    browser.find_element(By.ID, "image").send_keys(str(image))
+    wait.until(lambda driver: driver.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png"))
+    browser.find_element(By.ID, "question").send_keys(QUESTION)
+    tokens = browser.find_element(By.ID, "max_new_tokens")
+    tokens.clear()
+    tokens.send_keys("8")
+    browser.find_element(By.ID, "ask").click()
+    boxes = browser.find_elements(By.CSS_SELECTOR, ".answer")
+    wait.until(lambda driver: all(box.get_attribute("data-state") == "done" for box in boxes))
+    answers = [box.text for box in boxes]
+    assert answers == expected_answers(demo_run, image)
+    assert answers[1] == reference and answers[0] != reference  # the adapter answers in French, the base does not
+
+    screenshot = os.environ.get("INTERNVL_UI_SCREENSHOT") or str(tmp_path / "ui.png")
+    assert browser.save_screenshot(screenshot)
+    viewport = browser.execute_script("return [window.innerWidth, window.innerHeight]")
+    assert list(Image.open(screenshot).size) == viewport
+
+
+def test_the_training_tab_shows_the_adapter_s_run(page, browser, demo_run):
+    browser.get(page)
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda driver: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    browser.find_element(By.ID, "tab-training").click()
+    run = browser.find_element(By.CSS_SELECTOR, ".run")
+    assert run.find_element(By.TAG_NAME, "h2").text == f"{demo_run.out.name}/adapter"
+    curve = run.find_element(By.TAG_NAME, "img")
+    wait.until(lambda driver: driver.execute_script("return arguments[0].naturalWidth", curve) > 0)
+
+    def setting(label: str) -> str:
+        return run.find_element(By.XPATH, f".//td[text()='{label}']/following-sibling::td").text
+
+    assert setting("language_model LoRA").startswith("r=8, alpha 16, dropout 0.05 on mlp.down_proj")
+    assert setting("steps trained") == "300"
+    assert setting("checkpoints") == "none kept"  # the demo saves none
