@@ -197,6 +197,7 @@ def _write_bad_data(folder, images) -> None:
         meta = {name: {"root": str(images), "annotation": str(folder / f"{name}.jsonl")}}
         (folder / f"{name}.json").write_text(json.dumps(meta))
     (folder / "config.yaml").write_text("- use_llm_lora\n")
+    (folder / "ds.json").write_text("{}\n")  # a DeepSpeed config that exists, for the run without DeepSpeed
 
 
 @pytest.mark.parametrize(
