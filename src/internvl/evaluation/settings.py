@@ -1,9 +1,11 @@
 """What an evaluation evaluates and how; plain data, so that the command line reads its defaults without loading
-torch."""
+the model code."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from internvl.data.validate import DEFAULT_MAX_SEQ_LENGTH
 
 
 @dataclass(frozen=True)
@@ -16,7 +18,7 @@ class EvalSettings:
     seed: int = 0
     batch_size: int = 8
     max_new_tokens: int = 128
-    max_seq_length: int = 8192
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH
 
     def __post_init__(self):
         for name in ("batch_size", "max_new_tokens", "max_seq_length"):
