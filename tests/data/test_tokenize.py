@@ -70,6 +70,21 @@ def phi3():
     return tokenizer
 
 
+@pytest.fixture(scope="module")
+def harmony():
+    """Byte-level BPE with GPT-OSS's harmony tokens and no BOS, as InternVL3.5-GPT-OSS uses."""
+    harmony_tokens = ["<|endoftext|>", "<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"]
+    bpe = Tokenizer(BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=harmony_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([*CORPUS, "system user assistant final"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|return|>", pad_token="<|endoftext|>")
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    return tokenizer
+
+
 def learned_runs(labels: torch.Tensor) -> list[list[int]]:
     """The maximal runs of labels that are not IGNORE_INDEX."""
     runs, current = [], []
@@ -165,6 +180,27 @@ def test_phi3_learns_answers_and_never_endoftext(phi3):
     runs = learned_runs(sample["labels"])
     # <|endoftext|> is never learned, even inside an answer.
     assert runs == [encode(phi3, text) for text in ["A cat sits on a mat.<|end|>", "Black", " and white.<|end|>"]]
+
+
+def test_internvl3_5_gpt_oss_learns_channel_header_answer_and_end_token(harmony):
+    system = {"from": "system", "value": "Answer briefly."}
+    sample = preprocess("internvl3_5_gpt_oss", [system, *TWO_ROUNDS], harmony, [3])
+    prompt = (
+        "<|start|>system<|message|>Answer briefly.<|end|>"
+        f"<|start|>user<|message|>{IMAGE}\nWhat is in the image?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>A cat sits on a mat.<|end|>"
+        "<|start|>user<|message|>What colour is it?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Black and white.<|return|>"
+    )
+    # Only "<|start|>assistant" of each answer is not learned; the last answer ends with <|return|>, earlier ones
+    # with <|end|>.
+    check_sample(sample, harmony, prompt, ["<|channel|>final<|message|>A cat sits on a mat.<|end|>",
+                                           "<|channel|>final<|message|>Black and white.<|return|>"])
+
+
+def test_internvl3_5_gpt_oss_text_only_sample_ends_with_return(harmony):
+    sample = preprocess("internvl3_5_gpt_oss", TWO_ROUNDS[2:], harmony, [], text_only=True)
+    assert harmony.decode(learned_runs(sample["labels"])[-1]) == "<|channel|>final<|message|>Black and white.<|return|>"
 
 
 def test_single_round_text_only_keeps_image_placeholder(qwen):

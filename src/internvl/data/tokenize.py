@@ -8,6 +8,7 @@ each is reproduced step by step rather than unified:
     internlm2-chat  preprocess_internlm     tokenizes the whole prompt, then counts tokens of prompt pieces
     Hermes-2        preprocess_mpt          idem, with other counting rules (no BOS)
     phi3-chat       preprocess_phi3         idem, with Phi-3's counting rules
+    internvl3_5_gpt_oss  preprocess_internvl3_5_gpt_oss  turn by turn, in GPT-OSS's harmony format
 
 In all of them only the assistant answers and their end-of-turn token are learned; everything else is IGNORE_INDEX.
 Where the counted length disagrees with the real one, the official code silently masks the whole sample; we raise
@@ -157,17 +158,21 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
-    """preprocess_internvl2_5: each turn tokenized alone, the answer's role prefix and trailing newline not learned."""
+def _label_turn_by_turn(conv, turns, tokenizer, image_blocks, unlearned_tail: int = 0):
+    """Each turn tokenized alone and concatenated; an answer learns all but its role prefix and the last
+    `unlearned_tail` tokens (its answer header included). The last answer ends with `conv.sep2` where the template
+    has one."""
     pieces = [conv.system_template.format(system_message=conv.system_message) + conv.sep]
     learned = [False]
     unused = image_blocks
-    for turn in turns:
+    for i, turn in enumerate(turns):
         is_answer = turn["from"] == "gpt"
         value = turn["value"]
         if not is_answer:  # images go into the user turns only
             value, unused = _insert_images(value, unused)
-        pieces.append(conv.roles[1 if is_answer else 0] + value + conv.sep)
+        end = conv.sep2 if conv.sep2 is not None and i == len(turns) - 1 else conv.sep
+        header = conv.answer_header if is_answer else ""
+        pieces.append(conv.roles[1 if is_answer else 0] + header + value + end)
         learned.append(is_answer)
     _check_all_inserted(unused, len(image_blocks))
 
@@ -175,7 +180,7 @@ def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
     # official tokenizers. Pieces are encoded without special tokens, so a BOS-adding tokenizer gets one BOS, first.
     if _adds_bos(tokenizer):
         pieces[0] = tokenizer.bos_token + pieces[0]
-    role_len = len(_encode(tokenizer, conv.roles[1], add_special_tokens=False))  # "<|im_start|>assistant\n"
+    role_len = len(_encode(tokenizer, conv.roles[1], add_special_tokens=False))  # e.g. "<|im_start|>assistant\n"
 
     input_ids, labels = [], []
     for piece, is_answer in zip(pieces, learned):
@@ -183,10 +188,24 @@ def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
         target = ids.clone() if is_answer else torch.full_like(ids, IGNORE_INDEX)
         if is_answer:
             target[:role_len] = IGNORE_INDEX
-            target[-1:] = IGNORE_INDEX  # the "\n" after <|im_end|>
+            if unlearned_tail:
+                target[-unlearned_tail:] = IGNORE_INDEX
         input_ids.append(ids)
         labels.append(target)
     return torch.cat(input_ids), torch.cat(labels)
+
+
+def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
+    """preprocess_internvl2_5: turn by turn; the answer's role prefix and the newline after <|im_end|> not learned."""
+    return _label_turn_by_turn(conv, turns, tokenizer, image_blocks, unlearned_tail=1)
+
+
+def _label_internvl3_5_gpt_oss(conv, turns, tokenizer, image_blocks):
+    """preprocess_internvl3_5_gpt_oss: turn by turn; only "<|start|>assistant" of an answer is not learned, so its
+    channel header, text and end token are. Earlier answers end with <|end|>, the last with <|return|> (the
+    official code picks the end token from a stale loop variable, so single-image samples end in <|end|> and
+    text-only ones fail; this is the rule its template states)."""
+    return _label_turn_by_turn(conv, turns, tokenizer, image_blocks)
 
 
 def _prompt_ids(conv, turns, tokenizer, image_blocks, strip=False):
@@ -282,4 +301,5 @@ _LABELLERS = {
     "internlm2-chat": _label_internlm,
     "Hermes-2": _label_mpt,
     "phi3-chat": _label_phi3,
+    "internvl3_5_gpt_oss": _label_internvl3_5_gpt_oss,
 }

@@ -268,7 +268,7 @@ class InternVLChatModel(PreTrainedModel):
 
         template = get_conv_template(self.template)
         template.system_message = self.system_message
-        stop_token = template.sep.strip()
+        stop_token = template.stop_token
         history = [] if history is None else list(history)
         for old_question, old_answer in history:
             template.append_message(template.roles[0], old_question)
@@ -295,7 +295,11 @@ class InternVLChatModel(PreTrainedModel):
             attention_mask=model_inputs["attention_mask"].to(device),
             **generation_config,
         )
-        response = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0]
+        output_ids = output_ids[0]
+        header = tokenizer(template.answer_header, add_special_tokens=False)["input_ids"]  # GPT-OSS's channel
+        if header and output_ids[: len(header)].tolist() == header:
+            output_ids = output_ids[len(header):]
+        response = tokenizer.decode(output_ids, skip_special_tokens=True)
         response = response.split(stop_token)[0].strip()
         history.append((question, response))
         if verbose:
