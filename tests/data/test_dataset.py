@@ -131,6 +131,29 @@ def test_datasets_of_a_meta_file_follow_each_other_with_their_repeat_time(tmp_pa
                        ["second<|im_end|>"], ["second<|im_end|>"]]
 
 
+@pytest.mark.parametrize(
+    "count, entry, problem",
+    [(0, {}, "has no records"), (10, {"repeat_time": 0.01}, "repeat_time 0.01 keeps none of its 10 record(s)")],
+)
+def test_a_dataset_giving_no_sample_is_refused_naming_the_meta_file_and_dataset(tmp_path, chat_tokenizer, count,
+                                                                                 entry, problem):
+    first = write_dataset(tmp_path, [GOOD], name="fine")
+    meta = write_dataset(tmp_path, [GOOD] * count, name="empty", meta=json.loads(first.read_text()), **entry)
+    with pytest.raises(ValueError) as error:
+        make_dataset(meta, chat_tokenizer, skip_bad_samples=True)
+    assert str(error.value).startswith(f"{meta}: empty dataset: 'empty' ({tmp_path / 'empty.jsonl'})")
+    assert str(error.value).endswith(problem)
+
+
+def test_a_wrong_length_in_the_meta_file_is_a_warning(tmp_path, chat_tokenizer, caplog):
+    meta = write_dataset(tmp_path, [GOOD] * 2, length=3)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        assert len(make_dataset(meta, chat_tokenizer)) == 2
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{meta}: length mismatch: 'ds' ({tmp_path / 'ds.jsonl'}) has 2 record(s), but its length says 3"
+    ]
+
+
 def test_data_augment_reencodes_tiles_reproducibly(tmp_path, chat_tokenizer):
     write_image(tmp_path / "a.png", 2 * TILE, TILE)
     record = {"image": "a.png", "conversations": chat("<image>What?", "A line.")}

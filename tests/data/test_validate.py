@@ -85,6 +85,26 @@ def test_validate_data_names_a_model_folder_that_is_not_an_internvl_checkpoint(t
         args.func(args)
 
 
+@pytest.mark.parametrize(
+    "meta, option, error",
+    [
+        ("{{}}", [], "{meta}: names no datasets"),
+        ('{{"x": {entry}, "x": {entry}}}', [], "{meta}: 'x' appears twice in one object; JSON would keep only the last"),
+    ],
+    ids=["no datasets", "a name twice"],
+)
+def test_a_meta_file_or_option_that_cannot_be_checked_is_one_error_line(tmp_path, model_dir, capsys, meta, option,
+                                                                         error):
+    from internvl.cli import main
+
+    entry = json.loads(write_dataset(tmp_path, [GOOD]).read_text())["ds"]
+    path = tmp_path / "bad_meta.json"
+    path.write_text(meta.format(entry=json.dumps(entry)))
+    assert main(["validate-data", "--meta_path", str(path), "--model_name_or_path", str(model_dir), *option]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"internvl-lora validate-data: error: {error.format(meta=path)}\n")
+
+
 def test_max_seq_length_option_limits_samples(tmp_path, model_dir, capsys):
     meta = write_dataset(tmp_path, [GOOD])
     args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
@@ -118,6 +138,27 @@ def test_an_unreadable_annotation_file_is_a_problem_of_its_dataset(tmp_path, cha
     report = validate_dataset(meta, SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, max_seq_length=4096))
     assert [str(p) for p in report.all_problems()] == [
         f"{tmp_path / 'gone.jsonl'}: missing annotation: No such file or directory"
+    ]
+
+
+def test_a_dataset_giving_no_sample_or_claiming_a_wrong_length_is_one_line_at_the_meta(tmp_path, model_dir, capsys):
+    empty = write_dataset(tmp_path, [], name="empty")
+    cut = write_dataset(tmp_path, [GOOD] * 10, name="cut", meta=json.loads(empty.read_text()), repeat_time=0.01)
+    meta = write_dataset(tmp_path, [GOOD] * 2, name="claims", meta=json.loads(cut.read_text()), length=3)
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir)])
+    assert args.func(args) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{meta}: empty dataset: 'empty' ({tmp_path / 'empty.jsonl'}) has no records",
+        f"{meta}: empty dataset: 'cut' ({tmp_path / 'cut.jsonl'}): repeat_time 0.01 keeps none of its 10 record(s)",
+        f"{meta}: length mismatch: 'claims' ({tmp_path / 'claims.jsonl'}) has 2 record(s), but its length says 3",
+        "checked 12 lines in 3 datasets: 3 problems",
+        "problems per cause:",
+        "  empty dataset: 2",
+        "  length mismatch: 1",
+        "problems per dataset:",
+        "  empty: 1 in 0 lines",
+        "  cut: 1 in 10 lines",
+        "  claims: 1 in 2 lines",
     ]
 
 

@@ -38,6 +38,7 @@ from internvl.data.constants import (
 )
 from internvl.data.errors import (
     CAUSES,
+    EMPTY_DATASET,
     IMAGE_COUNT_MISMATCH,
     INVALID_CONVERSATION,
     SAMPLE_TOO_LONG,
@@ -177,17 +178,24 @@ class InternVLDataset(Dataset):
     """Every dataset of a meta JSON as one map-style dataset, in meta order; items are ready for the Collator."""
 
     def __init__(self, meta_path: str | os.PathLike, builder: SampleBuilder, skip_bad_samples: bool = False):
+        """Index the annotation files; a dataset that gives no sample is a ValueError, a wrong `length` a warning."""
+        self.meta_path = meta_path
         self.builder = builder
         self.skip_bad_samples = skip_bad_samples
         self.parts = [Annotations(spec) for spec in read_meta(meta_path)]
+        for part in self.parts:
+            for problem in part.problems(meta_path):
+                if problem.cause == EMPTY_DATASET:
+                    raise problem
+                logger.warning("%s", problem)
         self._ends = list(accumulate(len(part) for part in self.parts))  # global index ranges of the parts
         # Bad-sample marks, one byte per distinct line (0: not known bad, k: cause CAUSES[k - 1]). Shared memory, so
         # that marks made in DataLoader worker processes reach skip_report() in the main process.
         self._line_starts = [0, *accumulate(part.distinct for part in self.parts)]
-        self._bad = torch.zeros(max(self._line_starts[-1], 1), dtype=torch.uint8).share_memory_()
+        self._bad = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from internvl import checkpoint
 from internvl.data.errors import MISSING_ANNOTATION, SampleError
-from internvl.data.reading import DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
+from internvl.data.reading import Annotations, DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
 
 if TYPE_CHECKING:  # the dataset loads transformers, seconds: only a validation run needs it, not the CLI
     from internvl.data.dataset import SampleBuilder
@@ -101,12 +101,14 @@ def validate_dataset(
     tasks = []
     for spec in specs:
         try:
-            index = LineIndex(spec.annotation)
+            annotations = Annotations(spec)
         except OSError as error:
             found(spec.name, SampleError(MISSING_ANNOTATION, error.strerror or str(error), spec.annotation))
             continue
-        report.lines[spec.name] = len(index)
-        tasks += _split(spec, index)
+        for problem in annotations.problems(meta_path):
+            found(spec.name, problem)
+        report.lines[spec.name] = len(annotations.index)
+        tasks += _split(spec, annotations.index)
     for task, problems in zip(tasks, _run(tasks, builder, workers)):
         for problem in problems:
             found(task.spec.name, problem)
