@@ -90,8 +90,10 @@ def test_validate_data_names_a_model_folder_that_is_not_an_internvl_checkpoint(t
     [
         ("{{}}", [], "{meta}: names no datasets"),
         ('{{"x": {entry}, "x": {entry}}}', [], "{meta}: 'x' appears twice in one object; JSON would keep only the last"),
+        ('{{"x": {entry}}}', ["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens"),
+        ('{{"x": {entry}}}', ["--max_seq_length", "-1"], "--max_seq_length -1: must be a positive number of tokens"),
     ],
-    ids=["no datasets", "a name twice"],
+    ids=["no datasets", "a name twice", "no tokens", "negative tokens"],
 )
 def test_a_meta_file_or_option_that_cannot_be_checked_is_one_error_line(tmp_path, model_dir, capsys, meta, option,
                                                                          error):

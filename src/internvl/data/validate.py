@@ -178,6 +178,8 @@ def settings_from_config(config: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The `validate-data` command: print each problem, then the counts; exit status 1 if any problem, else 0."""
+    if args.max_seq_length < 1:
+        raise ValueError(f"--max_seq_length {args.max_seq_length}: must be a positive number of tokens")
     config = checkpoint.read_config(args.model_name_or_path)
     from internvl.data.dataset import SampleBuilder
     from internvl.data.tokenizer import load_tokenizer
