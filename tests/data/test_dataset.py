@@ -220,6 +220,25 @@ def test_a_sample_truncated_before_its_answer_is_too_long(tmp_path, chat_tokeniz
         make_dataset(meta, chat_tokenizer, max_seq_length=40)[0]
 
 
+LONG = {"conversations": chat("What colour is it?", "Black and white. " * 50)}  # 490 tokens, GOOD 195
+
+
+def test_a_sample_over_the_limit_is_trained_truncated_and_logged_once_per_line(tmp_path, chat_tokenizer, caplog):
+    meta = write_dataset(tmp_path, [GOOD, LONG], repeat_time=2)
+    dataset = make_dataset(meta, chat_tokenizer, max_seq_length=300)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        samples = [dataset[i] for i in (1, 3, 1)]  # line 2, its repeat, line 2 again
+    assert [sorted(sample) for sample in samples] == [["attention_mask", "image_flags", "input_ids", "labels",
+                                                       "pixel_values"]] * 3
+    assert all(len(sample["input_ids"]) == 300 for sample in samples)
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning == (f"{tmp_path / 'ds.jsonl'}:2: sample truncated: 490 tokens, 190 over the limit of 300 "
+                       "(189 answer tokens lost); trained on its first 300 tokens, as the official trainer does")
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        assert dataset.skip_report() == {"sample truncated": 1}
+    assert caplog.records[-1].getMessage() == "trained on 1 samples truncated to 300 tokens (each logged with its line)"
+
+
 def test_a_template_that_does_not_fit_the_tokenizer_is_a_tokenization_mismatch(tmp_path, chat_tokenizer):
     meta = write_dataset(tmp_path, [GOOD])
     with pytest.raises(SampleError, match=r"ds.jsonl:1: tokenization mismatch: template 'internlm2-chat'"):
@@ -272,6 +291,13 @@ def test_skip_counts_from_dataloader_workers_reach_the_main_process(mixed_meta, 
     loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=Collator(chat_tokenizer.pad_token_id))
     assert len(list(loader)) == 5
     assert dataset.skip_report() == {"malformed JSON": 1, "missing image": 1, "image count mismatch": 1}
+
+
+def test_truncations_seen_in_dataloader_workers_reach_the_main_process(tmp_path, chat_tokenizer):
+    dataset = make_dataset(write_dataset(tmp_path, [LONG, GOOD, LONG, GOOD]), chat_tokenizer, max_seq_length=300)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=Collator(chat_tokenizer.pad_token_id))
+    assert len(list(loader)) == 4
+    assert dataset.skip_report() == {"sample truncated": 2}
 
 
 def test_a_dataset_with_no_good_sample_fails_even_when_skipping(tmp_path, chat_tokenizer):

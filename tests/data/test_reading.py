@@ -98,7 +98,8 @@ def test_repeat_time_above_one_repeats_every_line(tmp_path):
     "count, entry, problem",
     [
         (0, {}, "empty dataset: 'ds' ({annotation}) has no records"),
-        (10, {"repeat_time": 0.01}, "empty dataset: 'ds' ({annotation}): repeat_time 0.01 keeps none of its 10 record(s)"),
+        (10, {"repeat_time": 0.01},
+         "empty dataset: 'ds' ({annotation}): repeat_time 0.01 keeps none of its 10 record(s)"),
         (2, {"length": 3}, "length mismatch: 'ds' ({annotation}) has 2 record(s), but its length says 3"),
         (2, {"length": "2"}, "length mismatch: 'ds' ({annotation}) has 2 record(s), but its length says '2'"),
         (1, {"length": True}, "length mismatch: 'ds' ({annotation}) has 1 record(s), but its length says True"),

@@ -11,7 +11,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
 from internvl.data.constants import IGNORE_INDEX, SPECIAL_TOKENS
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, Truncation, preprocess
 from internvl.data.tokenizer import load_tokenizer
 from tests.data.test_tokenizer import CORPUS, write_bpe_checkpoint, write_internlm2_checkpoint
 
@@ -237,6 +237,19 @@ def test_truncation_keeps_whole_images(qwen):
     cut = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3], max_seq_length=limit)
     assert torch.equal(cut["input_ids"], full["input_ids"][:limit])
     assert torch.equal(cut["labels"], full["labels"][:limit])
+
+
+@pytest.mark.parametrize(  # the last tokens: "... Black and white.<|im_end|>\n", the "\n" not learned
+    "cut, learned_lost, lost", [(1, 0, "no answer token lost"), (4, 3, "3 answer tokens lost")]
+)
+def test_truncation_says_how_many_tokens_and_answer_tokens_it_cut(qwen, cut, learned_lost, lost):
+    full = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3])
+    assert "truncation" not in full
+    tokens = len(full["input_ids"])
+    assert int(full["labels"][tokens - cut:].ne(IGNORE_INDEX).sum()) == learned_lost
+    truncation = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3], max_seq_length=tokens - cut)["truncation"]
+    assert truncation == Truncation(tokens=tokens, limit=tokens - cut, answer_tokens=learned_lost)
+    assert str(truncation) == f"{tokens} tokens, {cut} over the limit of {tokens - cut} ({lost})"
 
 
 def test_truncation_through_an_image_is_refused(qwen):

@@ -2,12 +2,14 @@
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 
 import pytest
 
-from internvl.data.dataset import SampleBuilder
+from internvl.data.dataset import InternVLDataset, SampleBuilder
+from internvl.data.tokenizer import load_tokenizer
 from internvl.data.validate import add_subcommand, settings_from_config, validate_dataset
 from tests.data.builders import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
 
@@ -89,7 +91,8 @@ def test_validate_data_names_a_model_folder_that_is_not_an_internvl_checkpoint(t
     "meta, option, error",
     [
         ("{{}}", [], "{meta}: names no datasets"),
-        ('{{"x": {entry}, "x": {entry}}}', [], "{meta}: 'x' appears twice in one object; JSON would keep only the last"),
+        ('{{"x": {entry}, "x": {entry}}}', [],
+         "{meta}: 'x' appears twice in one object; JSON would keep only the last"),
         ('{{"x": {entry}}}', ["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens"),
         ('{{"x": {entry}}}', ["--max_seq_length", "-1"], "--max_seq_length -1: must be a positive number of tokens"),
     ],
@@ -113,6 +116,24 @@ def test_max_seq_length_option_limits_samples(tmp_path, model_dir, capsys):
                   "--max_seq_length", "40"])
     assert args.func(args) == 1
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds.jsonl'}:1: sample too long: no answer token")
+
+
+def test_a_sample_over_the_limit_is_a_problem_saying_what_training_would_cut(tmp_path, model_dir, capsys, caplog):
+    long = {"conversations": chat("What colour is it?", "Black and white. " * 50)}
+    meta = write_dataset(tmp_path, [GOOD, long])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
+                  "--max_seq_length", "300"])
+    assert args.func(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    builder = SampleBuilder(load_tokenizer(model_dir), max_seq_length=300, **settings_from_config(CONFIG))
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        InternVLDataset(meta, builder)[1]
+    (trained,) = [record.getMessage() for record in caplog.records]  # what training logs for the line
+    assert lines[0] == (f"{tmp_path / 'ds.jsonl'}:2: sample truncated: 490 tokens, 190 over the limit of 300 "
+                        "(189 answer tokens lost)")
+    assert trained.startswith(lines[0] + ";")
+    assert lines[1:] == ["checked 2 lines in 1 datasets: 1 problems", "problems per cause:", "  sample truncated: 1",
+                         "problems per dataset:", "  ds: 1 in 2 lines"]
 
 
 def test_workers_do_not_change_the_report(hostile_folder, chat_tokenizer):

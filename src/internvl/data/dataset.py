@@ -10,7 +10,8 @@ It does what the official `LazySupervisedDataset` + `build_datasets` do, for ima
 
 Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
 SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
-the next good sample (index + 1, + 2, ...), so the same index always gives the same sample.
+the next good sample (index + 1, + 2, ...), so the same index always gives the same sample. A sample over the
+length limit is truncated and trained on, as officially, but logged once per line and counted too.
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ from internvl.data.errors import (
     IMAGE_COUNT_MISMATCH,
     INVALID_CONVERSATION,
     SAMPLE_TOO_LONG,
+    SAMPLE_TRUNCATED,
     TOKENIZATION_MISMATCH,
     SampleError,
 )
 from internvl.data.reading import Annotations, Record, open_image, read_meta
 from internvl.data.templates import get_conv_template
 from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, Truncation, preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +77,14 @@ class SampleBuilder:
             if self.tokenizer.convert_tokens_to_ids(token) in (None, self.tokenizer.unk_token_id):
                 raise ValueError(f"tokenizer has no {token} token; load it with internvl.data.tokenizer.load_tokenizer")
 
+    @property
+    def limit(self) -> int:
+        """The most tokens a sample keeps."""
+        return self.max_seq_length or self.tokenizer.model_max_length
+
     def build(self, record: Record, max_dynamic_patch: int | None = None, augment: bool = False) -> dict:
-        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags.
+        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags;
+        and "truncation" (a `Truncation`) when the length limit cut it.
 
         `max_dynamic_patch` (the meta entry's) replaces the builder's. Raises SampleError located at the record.
         """
@@ -95,11 +103,14 @@ class SampleBuilder:
             sample["image_flags"] = torch.zeros(1, dtype=torch.long)
         return sample
 
-    def check(self, record: Record, max_dynamic_patch: int | None = None) -> None:
-        """Everything `build` checks, without making pixels; raises the same located SampleError."""
+    def check(self, record: Record, max_dynamic_patch: int | None = None) -> SampleError | None:
+        """Everything `build` checks, without making pixels; raises the same located SampleError. Returns the
+        problem that training lives with, located: the sample's truncation (None: it fits)."""
         with _located(record):
             conversations, images, budget = self._read(record, max_dynamic_patch)
-            self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+            sample = self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+        truncation = sample.get("truncation")
+        return None if truncation is None else _truncation_problem(record, truncation)
 
     def _read(self, record: Record, max_dynamic_patch: int | None) -> tuple[list, list[Image.Image], int]:
         """The conversation with its placeholders, the decoded images and each image's tile budget."""
@@ -150,9 +161,13 @@ class SampleBuilder:
         except ValueError as error:  # preprocess's other errors are all about the turns
             raise SampleError(INVALID_CONVERSATION, str(error)) from None
         if bool((sample["labels"] == IGNORE_INDEX).all()):
-            limit = self.max_seq_length or self.tokenizer.model_max_length
-            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {limit} tokens")
+            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {self.limit} tokens")
         return sample
+
+
+def _truncation_problem(record: Record, truncation: Truncation) -> SampleError:
+    """A sample's truncation as a problem at its record's FILE:LINE."""
+    return SampleError(SAMPLE_TRUNCATED, str(truncation), record.file, record.line)
 
 
 @contextmanager
@@ -189,10 +204,12 @@ class InternVLDataset(Dataset):
                     raise problem
                 logger.warning("%s", problem)
         self._ends = list(accumulate(len(part) for part in self.parts))  # global index ranges of the parts
-        # Bad-sample marks, one byte per distinct line (0: not known bad, k: cause CAUSES[k - 1]). Shared memory, so
-        # that marks made in DataLoader worker processes reach skip_report() in the main process.
+        # Marks, one byte per distinct line, in shared memory so that marks made in DataLoader worker processes
+        # reach skip_report() in the main process. _bad: 0 not known bad, k cause CAUSES[k - 1]; _truncated: 1 once
+        # the line's truncation was logged.
         self._line_starts = [0, *accumulate(part.distinct for part in self.parts)]
         self._bad = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
+        self._truncated = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
         return self._ends[-1]
@@ -215,7 +232,8 @@ class InternVLDataset(Dataset):
         raise RuntimeError(f"every one of the {len(self)} samples is bad: {self.skip_report()}")
 
     def skip_report(self) -> dict[str, int]:
-        """Bad samples skipped so far (distinct annotation lines), per cause; also logged as a warning."""
+        """Samples not trained on as written so far (distinct annotation lines), per cause: the bad ones skipped, and
+        the truncated ones (`sample truncated`); also logged as warnings."""
         counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
         report = {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
         if report:
@@ -223,6 +241,11 @@ class InternVLDataset(Dataset):
             logger.warning("skipped %d bad samples (%s)", sum(report.values()), details)
         elif self.skip_bad_samples:
             logger.info("no bad sample skipped")
+        truncated_lines = int(self._truncated.sum())
+        if truncated_lines:
+            report[SAMPLE_TRUNCATED] = truncated_lines
+            logger.warning("trained on %d samples truncated to %d tokens (each logged with its line)",
+                           truncated_lines, self.builder.limit)
         return report
 
     def _locate(self, index: int) -> tuple[int, int]:
@@ -236,7 +259,16 @@ class InternVLDataset(Dataset):
         return self._line_starts[part] + local % self.parts[part].distinct
 
     def _build(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample of a global index; its truncation, if any, logged the first time its line is read."""
         part, local = self._locate(index)
         annotations = self.parts[part]
         spec = annotations.spec
-        return self.builder.build(annotations.record(local), spec.max_dynamic_patch, augment=spec.data_augment)
+        record = annotations.record(local)
+        sample = self.builder.build(record, spec.max_dynamic_patch, augment=spec.data_augment)
+        truncation = sample.pop("truncation", None)
+        mark = self._mark_position(index)
+        if truncation is not None and not self._truncated[mark]:
+            self._truncated[mark] = 1
+            logger.warning("%s; trained on its first %d tokens, as the official trainer does",
+                           _truncation_problem(record, truncation), truncation.limit)
+        return sample

@@ -3,7 +3,12 @@
 `validate_dataset` runs each record through the same checks as the training dataset (`SampleBuilder.check`:
 parse, placeholders, full image decode with the decompression-bomb guard, tile count, template tokenization,
 length), in parallel processes, and reports each problem as `FILE:LINE: cause: detail`. Unlike training, it
-reads every line of the annotation files, including those a repeat_time < 1 leaves out.
+reads every line of the annotation files, including those a repeat_time < 1 leaves out. A meta entry's own
+problems (no records, a repeat_time keeping none, a wrong `length`) are lines at the meta file, `META: cause: ...`.
+
+A sample over the length limit counts as a problem too, `sample truncated` (how many tokens, and how many of
+them answer tokens): training truncates it and goes on, as the official trainer does, but then learns a cut-off
+answer or none of its end, which a clean run should not do unnoticed. Raise --max_seq_length or shorten it.
 
 The `validate-data` subcommand reads the settings from a checkpoint's config.json (as plain JSON: data never
 imports the model), prints one line per problem (compiler style), then counts per cause and per dataset, and
@@ -148,9 +153,11 @@ def _check_task(task: _Task) -> list[SampleError]:
     for line, _, raw in iter_lines(task.spec.annotation, task.start, task.stop, task.first_line):
         try:
             record = parse_record(raw, task.spec.annotation, line, task.spec.root)
-            _builder.check(record, task.spec.max_dynamic_patch)
+            problem = _builder.check(record, task.spec.max_dynamic_patch)  # None, or one that training lives with
         except SampleError as error:
-            problems.append(error)
+            problem = error
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
