@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -237,6 +238,28 @@ def test_a_sample_over_the_limit_is_trained_truncated_and_logged_once_per_line(t
     with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
         assert dataset.skip_report() == {"sample truncated": 1}
     assert caplog.records[-1].getMessage() == "trained on 1 samples truncated to 300 tokens (each logged with its line)"
+
+
+def test_a_sample_certainly_over_twice_the_limit_is_refused_not_truncated(tmp_path, chat_tokenizer):
+    # 8,500 bytes of text; no token of chat_tokenizer stands for more than 13 (its longest: "<|endoftext|>").
+    far_too_long = {"conversations": chat("q", "Black and white. " * 500)}
+    dataset = make_dataset(write_dataset(tmp_path, [GOOD, far_too_long]), chat_tokenizer, max_seq_length=300)
+    with pytest.raises(SampleError) as error:
+        dataset[1]
+    assert str(error.value) == (
+        f"{tmp_path / 'ds.jsonl'}:2: sample too long: 8500 bytes of text make at least 654 tokens (no token stands "
+        "for more than 13 bytes), over twice the limit of 300: refused rather than truncated, which would drop most "
+        "of it; shorten or split it"
+    )
+
+
+def test_a_10_mb_line_is_refused_at_once_not_tokenized(tmp_path, chat_tokenizer):
+    meta = write_dataset(tmp_path, [GOOD, {"conversations": chat("Describe it.", "A cat on a mat. " * 625_000)}])
+    dataset = make_dataset(meta, chat_tokenizer, max_seq_length=2048)
+    start = time.perf_counter()
+    with pytest.raises(SampleError, match="ds.jsonl:2: sample too long: 10000011 bytes of text"):
+        dataset[1]
+    assert time.perf_counter() - start < 1  # tokenizing it all: 10 s and 2 GB here
 
 
 def test_a_template_that_does_not_fit_the_tokenizer_is_a_tokenization_mismatch(tmp_path, chat_tokenizer):

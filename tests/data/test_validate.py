@@ -155,6 +155,16 @@ def test_many_lines_are_split_across_workers_in_order(tmp_path, chat_tokenizer):
                                                                    (141, "image count mismatch")]
 
 
+def test_worker_processes_refuse_a_line_far_over_the_limit_too(tmp_path, chat_tokenizer):
+    records = [GOOD] * 100
+    records[90] = {"conversations": chat("q", "Black and white. " * 500)}  # line 91: in the second task
+    meta = write_dataset(tmp_path, records)
+    builder = SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, max_seq_length=300)
+    (problem,) = validate_dataset(meta, builder, workers=2).all_problems()
+    assert str(problem).startswith(f"{tmp_path / 'ds.jsonl'}:91: sample too long: 8500 bytes of text make at least "
+                                   "654 tokens")
+
+
 def test_an_unreadable_annotation_file_is_a_problem_of_its_dataset(tmp_path, chat_tokenizer):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"gone": {"root": str(tmp_path), "annotation": str(tmp_path / "gone.jsonl")}}))

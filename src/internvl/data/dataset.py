@@ -11,7 +11,8 @@ It does what the official `LazySupervisedDataset` + `build_datasets` do, for ima
 Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
 SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
 the next good sample (index + 1, + 2, ...), so the same index always gives the same sample. A sample over the
-length limit is truncated and trained on, as officially, but logged once per line and counted too.
+length limit is truncated and trained on, as officially, but logged once per line and counted too; one certainly
+over twice the limit is a bad sample (`sample too long`), refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -50,7 +52,14 @@ from internvl.data.errors import (
 from internvl.data.reading import Annotations, Record, open_image, read_meta
 from internvl.data.templates import get_conv_template
 from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, Truncation, preprocess
+from internvl.data.tokenize import (
+    SampleTooLong,
+    TokenizationMismatch,
+    Truncation,
+    longest_token_bytes,
+    preprocess,
+    text_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +153,25 @@ class SampleBuilder:
         return count_tiles(image.width, image.height, self.min_dynamic_patch, budget, self.image_size,
                            self.use_thumbnail)
 
+    @cached_property
+    def _longest_token_bytes(self) -> int:
+        return longest_token_bytes(self.tokenizer)
+
     def _tokenize(self, conversations: list[dict[str, str]], tile_counts: Sequence[int]) -> dict:
-        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too."""
+        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too, and so
+        is one certainly over twice the limit (truncation would drop most of it), found without tokenizing it: a
+        10 MB line takes seconds and GBs to tokenize.
+        """
+        # Each value as stripped: internlm2-chat strips them, and every template's prompt holds at least that much.
+        size = sum(text_bytes(self.tokenizer, turn["value"].strip()) for turn in conversations)
+        fewest = -(-size // self._longest_token_bytes)  # tokens, at least: see longest_token_bytes
+        if fewest > 2 * self.limit:
+            raise SampleError(
+                SAMPLE_TOO_LONG,
+                f"{size} bytes of text make at least {fewest} tokens (no token stands for more than "
+                f"{self._longest_token_bytes} bytes), over twice the limit of {self.limit}: refused rather than "
+                "truncated, which would drop most of it; shorten or split it",
+            )
         try:
             sample = preprocess(
                 self.template_name,

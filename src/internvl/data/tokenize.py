@@ -97,6 +97,27 @@ def preprocess(
     return sample
 
 
+def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """At least the bytes of text any one token stands for: the UTF-8 length of the longest vocabulary entry.
+
+    An entry never takes fewer bytes than the text it stands for: byte-level BPE writes each byte as one character
+    of one or two bytes, sentencepiece a space as the three-byte "▁" and a fallback byte as "<0x..>". So a text
+    of `text_bytes` B is at least B / longest_token_bytes tokens.
+    """
+    return max(len(token.encode()) for token in tokenizer.get_vocab())
+
+
+def text_bytes(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The UTF-8 length of text as the tokenizer splits it: after its normalizer (Qwen2's NFC may shorten it).
+
+    A tokenizer without `backend_tokenizer` (our InternLM2 sentencepiece) is taken as not normalizing, which
+    InternLM2's tokenizer.model does not (identity rule, whitespace kept).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = None if backend is None else backend.normalizer
+    return len((text if normalizer is None else normalizer.normalize_str(text)).encode())
+
+
 def _split_roles(conversations: Sequence[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
     """Separate the optional system turn; check that human and gpt turns alternate and the last one is gpt."""
     turns = list(conversations)
