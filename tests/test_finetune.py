@@ -228,6 +228,9 @@ def _write_bad_data(folder, images) -> None:
         pytest.param(["--meta_path", "{tmp}/twice.json"],
                      "{tmp}/twice.json: 'twice' appears twice in one object; JSON would keep only the last",
                      id="dataset named twice"),
+        pytest.param(["--meta_path", "{tmp}/all_bad.json", "--skip_bad_samples", "True"],
+                     "{tmp}/all_bad.json: nothing to train on: all 2 annotation lines are bad (malformed JSON: 1, "
+                     "missing image: 1); the first: {tmp}/all_bad.jsonl:1: missing image", id="every sample bad"),
         pytest.param(["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens",
                      id="no tokens"),
         pytest.param(["--force_image_size", "-56"], "--force_image_size -56: must be a positive number of pixels",

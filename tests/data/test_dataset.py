@@ -323,8 +323,18 @@ def test_truncations_seen_in_dataloader_workers_reach_the_main_process(tmp_path,
     assert dataset.skip_report() == {"sample truncated": 2}
 
 
-def test_a_dataset_with_no_good_sample_fails_even_when_skipping(tmp_path, chat_tokenizer):
-    meta = write_dataset(tmp_path, [hostile_line(tmp_path, "missing"), hostile_line(tmp_path, "roles")])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataset_with_no_good_sample_is_one_user_error_even_when_skipping(tmp_path, chat_tokenizer, workers):
+    first = write_dataset(tmp_path, [hostile_line(tmp_path, "missing")], name="one")
+    meta = write_dataset(tmp_path, [hostile_line(tmp_path, "roles"), hostile_line(tmp_path, "malformed")] * 2,
+                         name="two", meta=json.loads(first.read_text()), repeat_time=0.5)  # lines 1 and 2 used
     dataset = make_dataset(meta, chat_tokenizer, skip_bad_samples=True)
-    with pytest.raises(RuntimeError, match="every one of the 2 samples is bad"):
-        dataset[0]
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=Collator(chat_tokenizer.pad_token_id))
+    with pytest.raises(ValueError) as error:
+        next(iter(loader))
+    message = (f"{meta}: nothing to train on: all 3 annotation lines are bad (malformed JSON: 1, missing image: 1, "
+               f"invalid conversation: 1); the first: {tmp_path / 'one.jsonl'}:1: missing image")
+    if workers:  # torch re-raises a worker's error as "Caught ValueError in DataLoader worker ...", traceback and all
+        assert type(error.value) is ValueError and str(error.value).rstrip().endswith(f"ValueError: {message}")
+    else:
+        assert type(error.value) is ValueError and str(error.value) == message

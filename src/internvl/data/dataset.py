@@ -10,9 +10,10 @@ It does what the official `LazySupervisedDataset` + `build_datasets` do, for ima
 
 Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
 SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
-the next good sample (index + 1, + 2, ...), so the same index always gives the same sample. A sample over the
-length limit is truncated and trained on, as officially, but logged once per line and counted too; one certainly
-over twice the limit is a bad sample (`sample too long`), refused before it is tokenized.
+the next good sample (index + 1, + 2, ...), so the same index always gives the same sample; when none is left,
+a ValueError says so (one line: how many, per cause, the first). A sample over the length limit is truncated and
+trained on, as officially, but logged once per line and counted too; one certainly over twice the limit is a bad
+sample (`sample too long`), refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ def _located(record: Record) -> Iterator[None]:
         raise error.located(record.file, record.line) from None
 
 
+def _per_cause(counts: dict[str, int]) -> str:
+    return ", ".join(f"{cause}: {count}" for cause, count in counts.items())
+
+
 def _jpeg_degrade(tile: Image.Image) -> Image.Image:
     """The official augmentation: the tile re-encoded as a JPEG of a random quality (torch's seeded generator)."""
     quality = JPEG_QUALITIES[int(torch.randint(len(JPEG_QUALITIES), ()))]
@@ -255,16 +260,14 @@ class InternVLDataset(Dataset):
             except SampleError as error:
                 self._bad[mark] = CAUSES.index(error.cause) + 1
                 logger.warning("skipping bad sample %s", error)
-        raise RuntimeError(f"every one of the {len(self)} samples is bad: {self.skip_report()}")
+        raise self._nothing_to_train_on()
 
     def skip_report(self) -> dict[str, int]:
         """Samples not trained on as written so far (distinct annotation lines), per cause: the bad ones skipped, and
         the truncated ones (`sample truncated`); also logged as warnings."""
-        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
-        report = {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+        report = self._bad_lines()
         if report:
-            details = ", ".join(f"{cause}: {count}" for cause, count in report.items())
-            logger.warning("skipped %d bad samples (%s)", sum(report.values()), details)
+            logger.warning("skipped %d bad samples (%s)", sum(report.values()), _per_cause(report))
         elif self.skip_bad_samples:
             logger.info("no bad sample skipped")
         truncated_lines = int(self._truncated.sum())
@@ -273,6 +276,18 @@ class InternVLDataset(Dataset):
             logger.warning("trained on %d samples truncated to %d tokens (each logged with its line)",
                            truncated_lines, self.builder.limit)
         return report
+
+    def _bad_lines(self) -> dict[str, int]:
+        """Bad annotation lines found so far, per cause."""
+        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
+        return {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+
+    def _nothing_to_train_on(self) -> ValueError:
+        """The error when skipping found every line bad: a user's error (one line), not a crash."""
+        first = self.parts[0]
+        where = f"{first.spec.annotation}:{first.index.line_numbers[0]}: {CAUSES[int(self._bad[0]) - 1]}"
+        return ValueError(f"{self.meta_path}: nothing to train on: all {len(self._bad)} annotation lines are bad "
+                          f"({_per_cause(self._bad_lines())}); the first: {where}")
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(part, index within the part) of a global index."""
