@@ -6,13 +6,14 @@ length), in parallel processes, and reports each problem as `FILE:LINE: cause: d
 reads every line of the annotation files, including those a repeat_time < 1 leaves out. A meta entry's own
 problems (no records, a repeat_time keeping none, a wrong `length`) are lines at the meta file, `META: cause: ...`.
 
-A sample over the length limit counts as a problem too, `sample truncated` (how many tokens, and how many of
-them answer tokens): training truncates it and goes on, as the official trainer does, but then learns a cut-off
-answer or none of its end, which a clean run should not do unnoticed. Raise --max_seq_length or shorten it.
+A sample over the length limit counts as a problem too, `sample truncated`: training cuts it and goes on, as the
+official trainer does, and so learns its answers only up to the cut; the line says how many tokens and how many
+answer tokens are lost, so that no answer is cut unnoticed. Raise --max_seq_length or shorten the sample.
 
 The `validate-data` subcommand reads the settings from a checkpoint's config.json (as plain JSON: data never
 imports the model), prints one line per problem (compiler style), then counts per cause and per dataset, and
-exits with status 1 when anything is wrong.
+exits with status 1 when anything is wrong. A meta file it cannot go through (malformed, naming no dataset, or a
+name twice) or a --max_seq_length below 1 is one error line instead, status 2.
 """
 
 from __future__ import annotations
