@@ -192,6 +192,8 @@ def _write_bad_data(folder, images) -> None:
         "no_image": [json.dumps(good), json.dumps({**good, "image": "gone.png"})],
         "empty": [],  # a 0-byte file
         "all_bad": [json.dumps({**good, "image": "gone.png"}), '{"conversations": [}'],
+        "too_long": [json.dumps({**good, "conversations": [good["conversations"][0],
+                                                           {"from": "gpt", "value": "red " * 25_000}]})],
     }
     for name, records in lines.items():
         (folder / f"{name}.jsonl").write_text("".join(record + "\n" for record in records))
@@ -231,6 +233,9 @@ def _write_bad_data(folder, images) -> None:
         pytest.param(["--meta_path", "{tmp}/all_bad.json", "--skip_bad_samples", "True"],
                      "{tmp}/all_bad.json: nothing to train on: all 2 annotation lines are bad (malformed JSON: 1, "
                      "missing image: 1); the first: {tmp}/all_bad.jsonl:1: missing image", id="every sample bad"),
+        pytest.param(["--meta_path", "{tmp}/too_long.json", "--max_seq_length", "256"],
+                     "{tmp}/too_long.jsonl:1: sample too long: 100014 bytes of text make at least 575 tokens",
+                     id="sample far over the limit"),
         pytest.param(["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens",
                      id="no tokens"),
         pytest.param(["--force_image_size", "-56"], "--force_image_size -56: must be a positive number of pixels",
