@@ -11,7 +11,14 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
 from internvl.data.constants import IGNORE_INDEX, SPECIAL_TOKENS
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+from internvl.data.tokenize import (
+    SampleTooLong,
+    TokenizationMismatch,
+    Truncation,
+    longest_token_bytes,
+    preprocess,
+    text_bytes,
+)
 from internvl.data.tokenizer import load_tokenizer
 from tests.data.test_tokenizer import CORPUS, write_bpe_checkpoint, write_internlm2_checkpoint
 
@@ -275,11 +282,43 @@ def test_truncation_keeps_whole_images(qwen):
     assert torch.equal(cut["labels"], full["labels"][:limit])
 
 
+@pytest.mark.parametrize(  # the last tokens: "... Black and white.<|im_end|>\n", the "\n" not learned
+    "cut, learned_lost, lost", [(1, 0, "no answer token lost"), (4, 3, "3 answer tokens lost")]
+)
+def test_truncation_says_how_many_tokens_and_answer_tokens_it_cut(qwen, cut, learned_lost, lost):
+    full = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3])
+    assert "truncation" not in full
+    tokens = len(full["input_ids"])
+    assert int(full["labels"][tokens - cut:].ne(IGNORE_INDEX).sum()) == learned_lost
+    truncation = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3], max_seq_length=tokens - cut)["truncation"]
+    assert truncation == Truncation(tokens=tokens, limit=tokens - cut, answer_tokens=learned_lost)
+    assert str(truncation) == f"{tokens} tokens, {cut} over the limit of {tokens - cut} ({lost})"
+
+
 def test_truncation_through_an_image_is_refused(qwen):
     full = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3])
     inside_image = full["input_ids"].tolist().index(qwen.convert_tokens_to_ids("<IMG_CONTEXT>")) + 1
     with pytest.raises(SampleTooLong, match=f"{len(full['input_ids'])} tokens.*limit of {inside_image}"):
         preprocess("internvl2_5", TWO_ROUNDS, qwen, [3], max_seq_length=inside_image)
+
+
+def test_text_bytes_are_counted_after_the_tokenizers_normalizer(qwen, internlm2, phi3):
+    decomposed = "e\u0301" * 10  # "é" as e + combining acute: 3 bytes, 2 once composed
+    assert text_bytes(qwen, decomposed) == 20  # transformers' Qwen2Tokenizer normalizes to NFC
+    assert text_bytes(internlm2, decomposed) == text_bytes(phi3, decomposed) == 30  # no normalizer
+
+
+@pytest.mark.parametrize("name", ["qwen", "internlm2", "phi3"])
+@pytest.mark.parametrize(
+    "text",
+    [*CORPUS[:3], SYSTEM_2_5, " " * 200, "\n\n\t  " * 30, "e\u0301" * 50, "\u1100\u1161\u11a8" * 40, "<|im_end|>" * 9,
+     IMAGE * 5, "\U0001f600" * 20],
+    ids=["english", "english-2", "chinese", "system", "spaces", "whitespace", "combining", "jamo", "special", "image",
+         "emoji"],
+)
+def test_a_text_of_b_bytes_is_at_least_b_over_the_longest_token_bytes_tokens(request, name, text):
+    tokenizer = request.getfixturevalue(name)
+    assert len(encode(tokenizer, text)) * longest_token_bytes(tokenizer) >= text_bytes(tokenizer, text)
 
 
 def test_tokenizer_model_max_length_is_the_default_limit(tmp_path):

@@ -10,7 +10,10 @@ It does what the official `LazySupervisedDataset` + `build_datasets` do, for ima
 
 Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
 SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
-the next good sample (index + 1, + 2, ...), so the same index always gives the same sample.
+the next good sample (index + 1, + 2, ...), so the same index always gives the same sample; when none is left,
+a ValueError says so (one line: how many, per cause, the first). A sample over the length limit is truncated and
+trained on, as officially, but logged once per line and counted too; one certainly over twice the limit is a bad
+sample (`sample too long`), refused before it is tokenized.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -38,16 +42,25 @@ from internvl.data.constants import (
 )
 from internvl.data.errors import (
     CAUSES,
+    EMPTY_DATASET,
     IMAGE_COUNT_MISMATCH,
     INVALID_CONVERSATION,
     SAMPLE_TOO_LONG,
+    SAMPLE_TRUNCATED,
     TOKENIZATION_MISMATCH,
     SampleError,
 )
 from internvl.data.reading import Annotations, Record, open_image, read_meta
 from internvl.data.templates import get_conv_template
 from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+from internvl.data.tokenize import (
+    SampleTooLong,
+    TokenizationMismatch,
+    Truncation,
+    longest_token_bytes,
+    preprocess,
+    text_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +87,14 @@ class SampleBuilder:
             if self.tokenizer.convert_tokens_to_ids(token) in (None, self.tokenizer.unk_token_id):
                 raise ValueError(f"tokenizer has no {token} token; load it with internvl.data.tokenizer.load_tokenizer")
 
+    @property
+    def limit(self) -> int:
+        """The most tokens a sample keeps."""
+        return self.max_seq_length or self.tokenizer.model_max_length
+
     def build(self, record: Record, max_dynamic_patch: int | None = None, augment: bool = False) -> dict:
-        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags.
+        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags;
+        and "truncation" (a `Truncation`) when the length limit cut it.
 
         `max_dynamic_patch` (the meta entry's) replaces the builder's. Raises SampleError located at the record.
         """
@@ -94,11 +113,14 @@ class SampleBuilder:
             sample["image_flags"] = torch.zeros(1, dtype=torch.long)
         return sample
 
-    def check(self, record: Record, max_dynamic_patch: int | None = None) -> None:
-        """Everything `build` checks, without making pixels; raises the same located SampleError."""
+    def check(self, record: Record, max_dynamic_patch: int | None = None) -> SampleError | None:
+        """Everything `build` checks, without making pixels; raises the same located SampleError. Returns the
+        problem that training lives with, located: the sample's truncation (None: it fits)."""
         with _located(record):
             conversations, images, budget = self._read(record, max_dynamic_patch)
-            self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+            sample = self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+        truncation = sample.get("truncation")
+        return None if truncation is None else _truncation_problem(record, truncation)
 
     def _read(self, record: Record, max_dynamic_patch: int | None) -> tuple[list, list[Image.Image], int]:
         """The conversation with its placeholders, the decoded images and each image's tile budget."""
@@ -132,8 +154,25 @@ class SampleBuilder:
         return count_tiles(image.width, image.height, self.min_dynamic_patch, budget, self.image_size,
                            self.use_thumbnail)
 
+    @cached_property
+    def _longest_token_bytes(self) -> int:
+        return longest_token_bytes(self.tokenizer)
+
     def _tokenize(self, conversations: list[dict[str, str]], tile_counts: Sequence[int]) -> dict:
-        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too."""
+        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too, and so
+        is one certainly over twice the limit (truncation would drop most of it), found without tokenizing it: a
+        10 MB line takes seconds and GBs to tokenize.
+        """
+        # Each value as stripped: internlm2-chat strips them, and every template's prompt holds at least that much.
+        size = sum(text_bytes(self.tokenizer, turn["value"].strip()) for turn in conversations)
+        fewest = -(-size // self._longest_token_bytes)  # tokens, at least: see longest_token_bytes
+        if fewest > 2 * self.limit:
+            raise SampleError(
+                SAMPLE_TOO_LONG,
+                f"{size} bytes of text make at least {fewest} tokens (no token stands for more than "
+                f"{self._longest_token_bytes} bytes), over twice the limit of {self.limit}: refused rather than "
+                "truncated, which would drop most of it; shorten or split it",
+            )
         try:
             sample = preprocess(
                 self.template_name,
@@ -149,9 +188,13 @@ class SampleBuilder:
         except ValueError as error:  # preprocess's other errors are all about the turns
             raise SampleError(INVALID_CONVERSATION, str(error)) from None
         if bool((sample["labels"] == IGNORE_INDEX).all()):
-            limit = self.max_seq_length or self.tokenizer.model_max_length
-            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {limit} tokens")
+            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {self.limit} tokens")
         return sample
+
+
+def _truncation_problem(record: Record, truncation: Truncation) -> SampleError:
+    """A sample's truncation as a problem at its record's FILE:LINE."""
+    return SampleError(SAMPLE_TRUNCATED, str(truncation), record.file, record.line)
 
 
 @contextmanager
@@ -161,6 +204,10 @@ def _located(record: Record) -> Iterator[None]:
         yield
     except SampleError as error:
         raise error.located(record.file, record.line) from None
+
+
+def _per_cause(counts: dict[str, int]) -> str:
+    return ", ".join(f"{cause}: {count}" for cause, count in counts.items())
 
 
 def _jpeg_degrade(tile: Image.Image) -> Image.Image:
@@ -177,17 +224,26 @@ class InternVLDataset(Dataset):
     """Every dataset of a meta JSON as one map-style dataset, in meta order; items are ready for the Collator."""
 
     def __init__(self, meta_path: str | os.PathLike, builder: SampleBuilder, skip_bad_samples: bool = False):
+        """Index the annotation files; a dataset that gives no sample is a ValueError, a wrong `length` a warning."""
+        self.meta_path = meta_path
         self.builder = builder
         self.skip_bad_samples = skip_bad_samples
         self.parts = [Annotations(spec) for spec in read_meta(meta_path)]
+        for part in self.parts:
+            for problem in part.problems(meta_path):
+                if problem.cause == EMPTY_DATASET:
+                    raise problem
+                logger.warning("%s", problem)
         self._ends = list(accumulate(len(part) for part in self.parts))  # global index ranges of the parts
-        # Bad-sample marks, one byte per distinct line (0: not known bad, k: cause CAUSES[k - 1]). Shared memory, so
-        # that marks made in DataLoader worker processes reach skip_report() in the main process.
+        # Marks, one byte per distinct line, in shared memory so that marks made in DataLoader worker processes
+        # reach skip_report() in the main process. _bad: 0 not known bad, k cause CAUSES[k - 1]; _truncated: 1 once
+        # the line's truncation was logged.
         self._line_starts = [0, *accumulate(part.distinct for part in self.parts)]
-        self._bad = torch.zeros(max(self._line_starts[-1], 1), dtype=torch.uint8).share_memory_()
+        self._bad = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
+        self._truncated = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
@@ -204,18 +260,34 @@ class InternVLDataset(Dataset):
             except SampleError as error:
                 self._bad[mark] = CAUSES.index(error.cause) + 1
                 logger.warning("skipping bad sample %s", error)
-        raise RuntimeError(f"every one of the {len(self)} samples is bad: {self.skip_report()}")
+        raise self._nothing_to_train_on()
 
     def skip_report(self) -> dict[str, int]:
-        """Bad samples skipped so far (distinct annotation lines), per cause; also logged as a warning."""
-        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
-        report = {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+        """Samples not trained on as written so far (distinct annotation lines), per cause: the bad ones skipped, and
+        the truncated ones (`sample truncated`); also logged as warnings."""
+        report = self._bad_lines()
         if report:
-            details = ", ".join(f"{cause}: {count}" for cause, count in report.items())
-            logger.warning("skipped %d bad samples (%s)", sum(report.values()), details)
+            logger.warning("skipped %d bad samples (%s)", sum(report.values()), _per_cause(report))
         elif self.skip_bad_samples:
             logger.info("no bad sample skipped")
+        truncated_lines = int(self._truncated.sum())
+        if truncated_lines:
+            report[SAMPLE_TRUNCATED] = truncated_lines
+            logger.warning("trained on %d samples truncated to %d tokens (each logged with its line)",
+                           truncated_lines, self.builder.limit)
         return report
+
+    def _bad_lines(self) -> dict[str, int]:
+        """Bad annotation lines found so far, per cause."""
+        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
+        return {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+
+    def _nothing_to_train_on(self) -> ValueError:
+        """The error when skipping found every line bad: a user's error (one line), not a crash."""
+        first = self.parts[0]
+        where = f"{first.spec.annotation}:{first.index.line_numbers[0]}: {CAUSES[int(self._bad[0]) - 1]}"
+        return ValueError(f"{self.meta_path}: nothing to train on: all {len(self._bad)} annotation lines are bad "
+                          f"({_per_cause(self._bad_lines())}); the first: {where}")
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(part, index within the part) of a global index."""
@@ -228,7 +300,16 @@ class InternVLDataset(Dataset):
         return self._line_starts[part] + local % self.parts[part].distinct
 
     def _build(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample of a global index; its truncation, if any, logged the first time its line is read."""
         part, local = self._locate(index)
         annotations = self.parts[part]
         spec = annotations.spec
-        return self.builder.build(annotations.record(local), spec.max_dynamic_patch, augment=spec.data_augment)
+        record = annotations.record(local)
+        sample = self.builder.build(record, spec.max_dynamic_patch, augment=spec.data_augment)
+        truncation = sample.pop("truncation", None)
+        mark = self._mark_position(index)
+        if truncation is not None and not self._truncated[mark]:
+            self._truncated[mark] = 1
+            logger.warning("%s; trained on its first %d tokens, as the official trainer does",
+                           _truncation_problem(record, truncation), truncation.limit)
+        return sample

@@ -12,12 +12,14 @@ each is reproduced step by step rather than unified:
 
 In all of them only the assistant answers and their end-of-turn token are learned; everything else is IGNORE_INDEX.
 Where the counted length disagrees with the real one, the official code silently masks the whole sample; we raise
-TokenizationMismatch instead, so a wrong tokenizer cannot train on nothing unnoticed.
+TokenizationMismatch instead, so a wrong tokenizer cannot train on nothing unnoticed. A sample over the length
+limit is cut as officially, but the cut is returned (`Truncation`) for the caller to report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -40,6 +42,19 @@ class SampleTooLong(ValueError):
     """Truncating the sample to the length limit would cut an image block."""
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """What cutting a sample to the length limit dropped; the official code cuts without a word."""
+
+    tokens: int  # the sample's length before the cut
+    limit: int
+    answer_tokens: int  # learned tokens (labels not IGNORE_INDEX) among those dropped
+
+    def __str__(self) -> str:
+        lost = f"{self.answer_tokens} answer tokens lost" if self.answer_tokens else "no answer token lost"
+        return f"{self.tokens} tokens, {self.tokens - self.limit} over the limit of {self.limit} ({lost})"
+
+
 def preprocess(
     template_name: str,
     conversations: Sequence[dict[str, str]],
@@ -48,13 +63,14 @@ def preprocess(
     *,
     text_only: bool = False,
     max_seq_length: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | Truncation]:
     """Tokenize one conversation: {"input_ids", "labels", "attention_mask"}, each a LongTensor [T].
 
     `conversations` is the list of {"from", "value"} turns of one sample: an optional leading "system" turn (it
     replaces the template's system message), then "human" and "gpt" turns alternating, ending with "gpt".
     Unless `text_only`, the i-th `<image>` becomes `<img>` + `<IMG_CONTEXT>` * num_image_token_list[i] + `</img>`.
-    The sample is truncated to `max_seq_length` (default: tokenizer.model_max_length), never through an image.
+    The sample is truncated to `max_seq_length` (default: tokenizer.model_max_length), never through an image;
+    a truncated sample also holds "truncation", a `Truncation` saying what was cut (the collator ignores it).
     """
     conv = get_conv_template(template_name)
     system, turns = _split_roles(conversations)
@@ -67,14 +83,40 @@ def preprocess(
     input_ids, labels = _LABELLERS[template_name](conv, turns, tokenizer, image_blocks)
 
     limit = max_seq_length or tokenizer.model_max_length
+    truncation = None
     if len(input_ids) > limit:
         if image_blocks and _has_image_tokens(input_ids[limit:], tokenizer):
             raise SampleTooLong(
                 f"sample has {len(input_ids)} tokens, more than the limit of {limit}, and truncating it would cut "
                 "through an image block; raise max_seq_length or use fewer image tiles"
             )
+        truncation = Truncation(len(input_ids), limit, int(labels[limit:].ne(IGNORE_INDEX).sum()))
         input_ids, labels = input_ids[:limit], labels[:limit]
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    sample = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    if truncation is not None:
+        sample["truncation"] = truncation
+    return sample
+
+
+def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """At least the bytes of text any one token stands for: the UTF-8 length of the longest vocabulary entry.
+
+    An entry never takes fewer bytes than the text it stands for: byte-level BPE writes each byte as one character
+    of one or two bytes, sentencepiece a space as the three-byte "▁" and a fallback byte as "<0x..>". So a text
+    of `text_bytes` B is at least B / longest_token_bytes tokens.
+    """
+    return max(len(token.encode()) for token in tokenizer.get_vocab())
+
+
+def text_bytes(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The UTF-8 length of text as the tokenizer splits it: after its normalizer (Qwen2's NFC may shorten it).
+
+    A tokenizer without `backend_tokenizer` (our InternLM2 sentencepiece) is taken as not normalizing, which
+    InternLM2's tokenizer.model does not (identity rule, whitespace kept).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = None if backend is None else backend.normalizer
+    return len((text if normalizer is None else normalizer.normalize_str(text)).encode())
 
 
 def _split_roles(conversations: Sequence[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
@@ -128,7 +170,8 @@ def _has_image_tokens(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True) -> list[int]:
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    # Not verbose: transformers would warn of "indexing errors" for a text over model_max_length, which we truncate.
+    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
 
 def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:

@@ -74,6 +74,10 @@ class ModelArguments:
                 raise ValueError(f"--{name} {rank}: must be a LoRA rank (a positive integer), or 0 for no LoRA")
 
 
+# Data arguments that count something, and what they count: below 1 they mean nothing.
+POSITIVE_DATA_ARGUMENTS = {"max_seq_length": "tokens", "force_image_size": "pixels", "min_dynamic_patch": "tiles"}
+
+
 @dataclass
 class DataArguments:
     """Where the data is and how images and text become tokens (official names and defaults)."""
@@ -97,6 +101,15 @@ class DataArguments:
             raise ValueError(
                 f"--conv_style {self.conv_style!r}: unknown conversation template; known: {', '.join(TEMPLATE_NAMES)}"
             )
+        for name, unit in POSITIVE_DATA_ARGUMENTS.items():
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} {getattr(self, name)}: must be a positive number of {unit}")
+        if self.max_dynamic_patch < self.min_dynamic_patch:
+            raise ValueError(f"--max_dynamic_patch {self.max_dynamic_patch}: must be at least --min_dynamic_patch "
+                             f"({self.min_dynamic_patch})")
+        if not 0 < self.down_sample_ratio <= 1:
+            raise ValueError(f"--down_sample_ratio {self.down_sample_ratio}: must be in (0, 1], the factor by which "
+                             "pixel shuffle shrinks each side of the ViT's feature map (officially 0.5)")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
