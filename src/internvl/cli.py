@@ -115,6 +115,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def user_message(error: Exception) -> str:
+    """The one line a user error says. torch re-raises a DataLoader worker's error with the worker's traceback in
+    its message; its last line is "Type: message", the error itself."""
+    message = str(error)
+    if message.startswith("Caught ") and "DataLoader worker" in message.partition("\n")[0]:
+        message = message.rstrip().rpartition("\n")[2].partition(": ")[2]
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from internvl.data import validate
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"internvl-lora {args.command}: error: {error}", file=sys.stderr)
+        print(f"internvl-lora {args.command}: error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was being written is in a staging folder, removed on the way out
         print(f"internvl-lora {args.command}: interrupted", file=sys.stderr)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -52,7 +53,7 @@ from internvl.data.errors import (
 )
 from internvl.data.reading import Annotations, Record, open_image, read_meta
 from internvl.data.templates import get_conv_template
-from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
+from internvl.data.tiling import count_tiles, dynamic_preprocess, expand_to_square, tiles_per_image, tiles_to_tensor
 from internvl.data.tokenize import (
     SampleTooLong,
     TokenizationMismatch,
@@ -80,6 +81,8 @@ class SampleBuilder:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     max_seq_length: int | None = None  # None: tokenizer.model_max_length
+    normalize_type: str = "imagenet"  # the mean and std of the tiles (NORMALIZATIONS)
+    pad2square: bool = False  # without tiling, pad each image to a square of the mean colour (not when augmenting)
 
     def __post_init__(self):
         get_conv_template(self.template_name)  # an unknown name is one settings error, not a bad sample per line
@@ -100,13 +103,13 @@ class SampleBuilder:
         """
         with _located(record):
             conversations, images, budget = self._read(record, max_dynamic_patch)
-            tiles = [self._tiles(image, budget) for image in images]
+            tiles = [self._tiles(image, budget, augment) for image in images]
             sample = self._tokenize(conversations, [len(image_tiles) for image_tiles in tiles])
         flat = [tile for image_tiles in tiles for tile in image_tiles]
         if augment:
             flat = [_jpeg_degrade(tile) for tile in flat]
         if flat:
-            sample["pixel_values"] = tiles_to_tensor(flat, self.image_size)
+            sample["pixel_values"] = tiles_to_tensor(flat, self.image_size, self.normalize_type)
             sample["image_flags"] = torch.ones(len(flat), dtype=torch.long)
         else:  # as officially: one tile the model drops (flag 0), so that every sample runs the vision encoder
             sample["pixel_values"] = torch.zeros(1, 3, self.image_size, self.image_size)
@@ -143,9 +146,10 @@ class SampleBuilder:
             raise SampleError(IMAGE_COUNT_MISMATCH, detail)
         return conversations
 
-    def _tiles(self, image: Image.Image, budget: int) -> list[Image.Image]:
+    def _tiles(self, image: Image.Image, budget: int, augment: bool) -> list[Image.Image]:
         if not self.dynamic_image_size:
-            return [image]
+            # Officially the padding is in the evaluation transform only, which data_augment datasets do not use.
+            return [expand_to_square(image, self.normalize_type) if self.pad2square and not augment else image]
         return dynamic_preprocess(image, self.min_dynamic_patch, budget, self.image_size, self.use_thumbnail)
 
     def _count_tiles(self, image: Image.Image, budget: int) -> int:
@@ -208,6 +212,20 @@ def _located(record: Record) -> Iterator[None]:
 
 def _per_cause(counts: dict[str, int]) -> str:
     return ", ".join(f"{cause}: {count}" for cause, count in counts.items())
+
+
+def _estimated_length(raw: bytes, image_tokens: int) -> int:
+    """A record line's length in tokens for grouping: its `length` field, else about 4 bytes of text a token."""
+    try:
+        record = json.loads(raw)
+    except ValueError:  # a bad line: it fails when built, its length matters little
+        return len(raw) // 4
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return len(raw) // 4
+    if isinstance(record.get("length"), int):
+        return record["length"]
+    text = sum(len(str(turn.get("value", "")).encode()) for turn in record["conversations"] if isinstance(turn, dict))
+    return text // 4 + (image_tokens if record.get("image") else 0)
 
 
 def _jpeg_degrade(tile: Image.Image) -> Image.Image:
@@ -288,6 +306,18 @@ class InternVLDataset(Dataset):
         where = f"{first.spec.annotation}:{first.index.line_numbers[0]}: {CAUSES[int(self._bad[0]) - 1]}"
         return ValueError(f"{self.meta_path}: nothing to train on: all {len(self._bad)} annotation lines are bad "
                           f"({_per_cause(self._bad_lines())}); the first: {where}")
+
+    def lengths(self) -> list[int]:
+        """Each sample's length in tokens, estimated for length-grouped batches (--group_by_length) without building
+        any sample: a record's own `length` field where it has one (as officially), else its text's UTF-8 bytes / 4
+        plus, when it has images, the image tokens of a full tile budget. Reads every line once."""
+        builder = self.builder
+        image_tokens = builder.num_image_token * (builder.max_dynamic_patch + int(builder.use_thumbnail))
+        lengths = []
+        for part in self.parts:
+            distinct = [_estimated_length(part.index.read(line), image_tokens) for line in range(part.distinct)]
+            lengths += distinct * part.repeats
+        return lengths
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(part, index within the part) of a global index."""

@@ -20,13 +20,15 @@ import torch
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from internvl import checkpoint
 from internvl.data.collate import Collator
 from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.data.dataset import InternVLDataset, SampleBuilder
-from internvl.data.reading import read_meta
+from internvl.data.errors import EMPTY_DATASET
+from internvl.data.reading import Annotations, read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
 from internvl.lora.fused import (
     CheckpointPlan,
@@ -36,10 +38,18 @@ from internvl.lora.fused import (
     set_checkpointed_layers,
 )
 from internvl.lora.inject import count_params
+from internvl.model.assemble import assemble_model
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
 from internvl.model.projector import num_image_tokens
 from internvl.train import outputs
-from internvl.train.args import DataArguments, ModelArguments
+from internvl.train.args import (
+    CHECKPOINT_SETTINGS,
+    OFFICIAL_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    fill_unset,
+    official_option_notes,
+)
 from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
 
@@ -165,6 +175,15 @@ class InternVLTrainer(Trainer):
         outputs.save_outputs(model, output_dir, self.base_config, self.base_path, self.processing_class, state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
+    def _get_train_sampler(self, train_dataset=None):
+        # --group_by_length (train_sampling_strategy "group_by_length"): the HF sampler would build every sample to
+        # measure it; the dataset estimates lengths from its lines instead.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, InternVLDataset):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
+
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
 
@@ -211,6 +230,27 @@ class InternVLTrainer(Trainer):
         outputs.load_outputs_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
 
+def load_base_model(model_args: ModelArguments, data_args: DataArguments, dtype: torch.dtype) -> InternVLChatModel:
+    """The model to fine-tune: the checkpoint at --model_name_or_path, or one assembled from --vision_path,
+    --llm_path (and --mlp_path) as the official trainer does, with the official defaults where flags are unset."""
+    if model_args.model_name_or_path is not None:
+        config = InternVLChatConfig.from_dict(checkpoint.read_config(model_args.model_name_or_path))
+        config.vision_config.drop_path_rate = model_args.drop_path_rate
+        return InternVLChatModel.from_pretrained(model_args.model_name_or_path, config=config, torch_dtype=dtype)
+    if model_args.vision_path is None or model_args.llm_path is None:
+        raise ValueError("--model_name_or_path is required, or --vision_path and --llm_path to assemble a model from "
+                         "its parts (or run `internvl-lora demo`)")
+    fill_unset(model_args, data_args, OFFICIAL_DEFAULTS)
+    return assemble_model(
+        model_args.vision_path, model_args.llm_path, model_args.mlp_path, dtype, model_args.drop_path_rate,
+        template=data_args.conv_style, force_image_size=data_args.force_image_size,
+        downsample_ratio=data_args.down_sample_ratio, dynamic_image_size=data_args.dynamic_image_size,
+        use_thumbnail=data_args.use_thumbnail, min_dynamic_patch=data_args.min_dynamic_patch,
+        max_dynamic_patch=data_args.max_dynamic_patch, ps_version=model_args.ps_version,
+        select_layer=model_args.vision_select_layer, pad2square=data_args.pad2square,
+    )
+
+
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """Fail before the model loads when a file the run needs is missing: model, meta file, its JSONL, checkpoint."""
     model_path = model_args.model_name_or_path
@@ -227,6 +267,13 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     for spec in read_meta(meta_path):
         if not os.path.isfile(spec.annotation):
             raise FileNotFoundError(f"{meta_path}: dataset {spec.name!r}: annotation file {spec.annotation} not found")
+        for problem in Annotations(spec).problems(meta_path):  # before the model loads, which takes minutes
+            if problem.cause == EMPTY_DATASET:
+                raise problem
+    for option in ("vision_path", "llm_path", "mlp_path"):
+        path = getattr(model_args, option)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{option} {path}: no such file or folder")
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
         raise ValueError(f"--output_dir {training_args.output_dir}: is a file, not a folder; pass a folder to write to")
     resume = training_args.resume_from_checkpoint
@@ -234,17 +281,30 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
 
 
-def resume_checkpoint(training_args: TrainingArguments, base_config: dict, force_base_model: bool) -> str | None:
+# What an output folder may hold and still count as empty: our TensorBoard logs and staging folder, which a run
+# killed before its first checkpoint leaves behind.
+_NO_TRAINING_STATE = {"runs", ".staging"}
+
+
+def resume_checkpoint(training_args: TrainingArguments, base_config: dict, model_args: ModelArguments) -> str | None:
     """The checkpoint to resume from, checked against the base model: --resume_from_checkpoint, else (as the
-    official script does) the last complete `checkpoint-N` in output_dir, else None."""
+    official script does) the last complete `checkpoint-N` in output_dir, else None.
+
+    With `--overwrite_output_dir True` nothing is resumed (the run starts afresh); with False, an output folder that
+    holds something but no checkpoint is refused, as officially.
+    """
     resume = training_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(training_args.output_dir):
-        resume = get_last_checkpoint(training_args.output_dir)
+    output_dir = training_args.output_dir
+    if resume is None and os.path.isdir(output_dir) and not model_args.overwrite_output_dir:
+        resume = get_last_checkpoint(output_dir)
+        if resume is None and model_args.overwrite_output_dir is False and set(os.listdir(output_dir)) - _NO_TRAINING_STATE:
+            raise ValueError(f"--output_dir {output_dir}: already exists and is not empty, and holds no checkpoint to "
+                             "resume from; pass --overwrite_output_dir True to train afresh in it, or another folder")
         if resume is not None and training_args.process_index == 0:
-            print(f"Resuming from {resume}, the last checkpoint in --output_dir (pass another --output_dir to "
-                  "start afresh)")
+            print(f"Resuming from {resume}, the last checkpoint in --output_dir (pass another --output_dir, or "
+                  "--overwrite_output_dir True, to start afresh)")
     if resume is not None:
-        outputs.check_base(outputs.read_manifest(resume), resume, base_config, force_base_model)
+        outputs.check_base(outputs.read_manifest(resume), resume, base_config, model_args.force_base_model)
     return resume
 
 
@@ -463,15 +523,19 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     base_path = model_args.model_name_or_path
     check_inputs(model_args, data_args, training_args)
     if model is None:
-        if base_path is None:
-            raise ValueError("--model_name_or_path is required (or run `internvl-lora demo`)")
-        config = InternVLChatConfig.from_dict(checkpoint.read_config(base_path))
-        config.vision_config.drop_path_rate = model_args.drop_path_rate
-        model = InternVLChatModel.from_pretrained(base_path, config=config, torch_dtype=_compute_dtype(training_args))
-        tokenizer = load_tokenizer(base_path, data_args.max_seq_length)
+        model = load_base_model(model_args, data_args, _compute_dtype(training_args))
+        tokenizer = load_tokenizer(base_path or model_args.llm_path, data_args.max_seq_length)
+    settings = {argument: model.template if attribute == "template" else getattr(model.config, attribute)
+                for argument, attribute in CHECKPOINT_SETTINGS.items()}
+    taken = fill_unset(model_args, data_args, settings)
+    if training_args.process_index == 0:
+        if taken:
+            print("from the checkpoint's config: " + ", ".join(f"--{name} {value}" for name, value in taken.items()))
+        for note in official_option_notes(model_args, data_args):
+            print(note)
     base_config = model.config.to_dict()
-    resume = resume_checkpoint(training_args, base_config, model_args.force_base_model)
-    finished = finished_state(training_args.output_dir)
+    resume = resume_checkpoint(training_args, base_config, model_args)
+    finished = None if model_args.overwrite_output_dir else finished_state(training_args.output_dir)
     model = prepare_model(model, tokenizer, model_args, data_args)
     counts = count_params(model)
     if training_args.process_index == 0:
@@ -487,6 +551,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         min_dynamic_patch=data_args.min_dynamic_patch,
         max_dynamic_patch=data_args.max_dynamic_patch,
         max_seq_length=data_args.max_seq_length,
+        normalize_type=data_args.normalize_type,
+        pad2square=data_args.pad2square,
     )
     train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples)
     training_args.remove_unused_columns = False
