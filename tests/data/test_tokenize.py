@@ -20,6 +20,7 @@ from internvl.data.tokenize import (
     text_bytes,
 )
 from internvl.data.tokenizer import load_tokenizer
+from tests.data.builders import phi3_style_tokenizer
 from tests.data.test_tokenizer import CORPUS, write_bpe_checkpoint, write_internlm2_checkpoint
 
 SYSTEM_2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -49,32 +50,7 @@ def internlm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi3():
-    """A tokenizer that encodes the way Phi-3's slow tokenizer does on texts starting with a role token.
-
-    Phi-3's tokenizer puts a "▁" token between BOS and a leading role token such as <|user|>; the official phi3
-    counting relies on that, so this BPE's post-processor adds BOS and one extra token ("Ġ") in front.
-    """
-    roles = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-    bpe = Tokenizer(BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>", *roles],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> Ġ $A", special_tokens=[("<s>", bpe.token_to_id("<s>")), ("Ġ", bpe.token_to_id("Ġ"))]
-    )
-    # pad is not <|endoftext|> here, so that the official rule "never learn <|endoftext|>" shows (with pad ==
-    # <|endoftext|> the official length check already rejects samples containing it).
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<unk>"
-    )
-    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
-    return tokenizer
+    return phi3_style_tokenizer()
 
 
 @pytest.fixture(scope="module")
