@@ -69,15 +69,22 @@ def _compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.float32
 
 
+def checkpoint_settings(model: InternVLChatModel) -> dict:
+    """The model's own value of each setting whose default is the checkpoint's, by argument name."""
+    return {argument: model.template if attribute == "template" else getattr(model.config, attribute)
+            for argument, attribute in CHECKPOINT_SETTINGS.items()}
+
+
 def prepare_model(
     model: InternVLChatModel, tokenizer, model_args: ModelArguments, data_args: DataArguments
 ) -> InternVLChatModel:
     """Configure, freeze and wrap `model` for training in the official trainer's order.
 
-    Unlike the official trainer, `unfreeze_lm_head` really trains the head (under LoRA it becomes a PEFT
-    `modules_to_save` module, so the adapter carries it), and the ViT checkpointing is non-reentrant so its
-    LoRA gets gradients with a frozen backbone.
+    Settings the arguments leave unset (None) are the model's own. Unlike the official trainer, `unfreeze_lm_head`
+    really trains the head (under LoRA it becomes a PEFT `modules_to_save` module, so the adapter carries it), and
+    the ViT checkpointing is non-reentrant so its LoRA gets gradients with a frozen backbone.
     """
+    fill_unset(model_args, data_args, checkpoint_settings(model))
     config = model.config
     if data_args.force_image_size != config.image_size:
         model.vision_model.resize_pos_embeddings(
@@ -512,12 +519,13 @@ def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, mode
 
 
 def finetune(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-             model: InternVLChatModel | None = None, tokenizer=None) -> FinetuneResult:
+             model: InternVLChatModel | None = None, tokenizer=None,
+             callbacks: list[TrainerCallback] | None = None) -> FinetuneResult:
     """Train per the arguments; write adapters, tokenizer, manifest, loss curve (and the merged model) to output_dir.
 
-    `model` / `tokenizer` may be passed in (the demo builds its own); otherwise both load from
-    `model_args.model_name_or_path`. Run again, it resumes from the last checkpoint in output_dir; a finished run
-    trains nothing.
+    `model` / `tokenizer` may be passed in (the demo and the end-to-end bench build their own); otherwise both load
+    from `model_args.model_name_or_path`. `callbacks` go to the HF Trainer. Run again, it resumes from the last
+    checkpoint in output_dir; a finished run trains nothing.
     """
     set_seed(training_args.seed)
     base_path = model_args.model_name_or_path
@@ -525,9 +533,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     if model is None:
         model = load_base_model(model_args, data_args, _compute_dtype(training_args))
         tokenizer = load_tokenizer(base_path or model_args.llm_path, data_args.max_seq_length)
-    settings = {argument: model.template if attribute == "template" else getattr(model.config, attribute)
-                for argument, attribute in CHECKPOINT_SETTINGS.items()}
-    taken = fill_unset(model_args, data_args, settings)
+    taken = fill_unset(model_args, data_args, checkpoint_settings(model))
     if training_args.process_index == 0:
         if taken:
             print("from the checkpoint's config: " + ", ".join(f"--{name} {value}" for name, value in taken.items()))
@@ -568,7 +574,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
-        callbacks=[FinishedRunGuard(training_args.output_dir, finished)],
+        callbacks=[FinishedRunGuard(training_args.output_dir, finished), *(callbacks or [])],
     )
     check_sharding(trainer, model_args)
     fast = FastPathCallback(trainer, model, model_args)
