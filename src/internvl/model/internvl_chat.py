@@ -128,12 +128,20 @@ class InternVLChatModel(PreTrainedModel):
             print(f"ViT LoRA r={r}: {counts}")
         return counts
 
-    def merge_lora(self) -> None:
-        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0."""
+    def merge_lora(self, source: str | os.PathLike | None = None) -> dict:
+        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0.
+
+        The merge is recorded in `config.merged_lora` (`source`: the adapter folder or LoRA checkpoint merged), so
+        that the adapter is not put onto the merged model again: its LoRA would count twice. Returns the record.
+        """
+        ranks = {"vision_model": self.config.use_backbone_lora, "language_model": self.config.use_llm_lora}
         self.vision_model = merge_lora(self.vision_model)
         self.language_model = merge_lora(self.language_model)
         self.config.use_backbone_lora = 0
         self.config.use_llm_lora = 0
+        record = {"from": None if source is None else str(source), "lora": {p: r for p, r in ranks.items() if r}}
+        self.config.merged_lora = [*self.config.merged_lora, record]
+        return record
 
     # ----- forward ----------------------------------------------------------------------------------------
 
