@@ -128,12 +128,20 @@ class InternVLChatModel(PreTrainedModel):
             print(f"ViT LoRA r={r}: {counts}")
         return counts
 
-    def merge_lora(self) -> None:
-        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0."""
+    def merge_lora(self, source: str | os.PathLike | None = None) -> dict:
+        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0.
+
+        The merge is recorded in `config.merged_lora` (`source`: the adapter folder or LoRA checkpoint merged), so
+        that the adapter is not put onto the merged model again: its LoRA would count twice. Returns the record.
+        """
+        ranks = {"vision_model": self.config.use_backbone_lora, "language_model": self.config.use_llm_lora}
         self.vision_model = merge_lora(self.vision_model)
         self.language_model = merge_lora(self.language_model)
         self.config.use_backbone_lora = 0
         self.config.use_llm_lora = 0
+        record = {"from": None if source is None else str(source), "lora": {p: r for p, r in ranks.items() if r}}
+        self.config.merged_lora = [*self.config.merged_lora, record]
+        return record
 
     # ----- forward ----------------------------------------------------------------------------------------
 
@@ -389,13 +397,19 @@ class InternVLChatModel(PreTrainedModel):
         self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
         max_shard_size: int | str = checkpoint.DEFAULT_SHARD_BYTES, **kwargs,
     ) -> None:
-        """Write the official folder format (config.json + safetensors) atomically into `save_directory`."""
+        """Write the official folder format (config.json + safetensors) atomically into `save_directory`.
+
+        The folder must be new, empty, or an InternVL checkpoint: saved again, it is replaced, keeping its tokenizer
+        and code files. Any other folder with files in it is refused rather than lost.
+        """
         if isinstance(max_shard_size, str):
             max_shard_size = convert_file_size_to_int(max_shard_size)
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.architectures = ["InternVLChatModel"]
-        with checkpoint.atomic_directory(save_directory) as staging:
+        resaved = checkpoint.existing_config(save_directory) is not None
+        with checkpoint.atomic_directory(save_directory, replace=resaved) as staging:
             self.config.save_pretrained(staging)
             state = state_dict if state_dict is not None else self.official_state_dict()
             checkpoint.save_state_dict(state, staging, max_shard_size)
-
+            if resaved:
+                checkpoint.copy_companion_files(save_directory, staging)
