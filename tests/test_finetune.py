@@ -205,6 +205,7 @@ def _write_bad_data(folder, images) -> None:
     (folder / "twice.json").write_text(f'{{"twice": {json.dumps(entry)}, "twice": {json.dumps(entry)}}}')
     (folder / "no_datasets.json").write_text("{}")
     (folder / "config.yaml").write_text("- use_llm_lora\n")
+    (folder / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
 
 
 @pytest.mark.parametrize(
@@ -264,6 +265,9 @@ def _write_bad_data(folder, images) -> None:
                      "{tmp}/config.yaml: expected a mapping of option names to values", id="config not a mapping"),
         pytest.param(["--fsdp", "full_shard"], "Using fsdp only works in distributed training",
                      id="FSDP in one process"),
+        pytest.param(["--deepspeed", "{tmp}/none.json"],
+                     "--deepspeed {tmp}/none.json: no such file, and not one of the official configs the package "
+                     "holds (zero_stage1_config.json, ", id="DeepSpeed config missing"),
         pytest.param(["--deepspeed", "{tmp}/ds.json"], "The 'deepspeed>=0.9.3' distribution was not found",
                      id="DeepSpeed not installed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None,

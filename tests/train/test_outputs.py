@@ -21,10 +21,11 @@ NEW_TOKENS = ["<extra_0>", "<extra_1>", "<extra_2>"]  # beyond the base's vocabu
 UMASK = 0o027
 SERVING = {"template": "Hermes-2", "force_image_size": 56, "dynamic_image_size": True, "use_thumbnail": False,
            "min_dynamic_patch": 1, "max_dynamic_patch": 2, "ps_version": "v1", "select_layer": -2,
-           "downsample_ratio": 0.5}
+           "downsample_ratio": 0.5, "normalize_type": "clip"}
 # The base's own: the tiny config's 28-pixel tiles, thumbnails, up to 6 tiles, v2 pixel shuffle, the last ViT layer.
 RECIPE = ["--conv_style", "Hermes-2", "--force_image_size", "56", "--dynamic_image_size", "True",
           "--use_thumbnail", "False", "--max_dynamic_patch", "2", "--ps_version", "v1", "--vision_select_layer", "-2",
+          "--normalize_type", "clip",
           "--freeze_llm", "True", "--freeze_backbone", "True", "--freeze_mlp", "False", "--use_llm_lora", "4",
           "--use_backbone_lora", "2", "--unfreeze_vit_layers", "-2", "--per_device_train_batch_size", "2",
           "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu", "True"]

@@ -206,10 +206,10 @@ class DataArguments:
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
-# Settings whose default is the checkpoint's own: argument -> the InternVLChatConfig attribute that holds it.
+# Settings whose default is the checkpoint's own: argument -> the config field (and `ServingSettings` field).
 CHECKPOINT_SETTINGS = {
     "conv_style": "template",
-    "force_image_size": "image_size",
+    "force_image_size": "force_image_size",
     "down_sample_ratio": "downsample_ratio",
     "dynamic_image_size": "dynamic_image_size",
     "use_thumbnail": "use_thumbnail",

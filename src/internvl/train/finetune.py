@@ -40,7 +40,6 @@ from internvl.lora.fused import (
 from internvl.lora.inject import count_params
 from internvl.model.assemble import assemble_model
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
-from internvl.model.projector import num_image_tokens
 from internvl.train import outputs
 from internvl.train.args import (
     CHECKPOINT_SETTINGS,
@@ -71,8 +70,8 @@ def _compute_dtype(training_args: TrainingArguments) -> torch.dtype:
 
 def checkpoint_settings(model: InternVLChatModel) -> dict:
     """The model's own value of each setting whose default is the checkpoint's, by argument name."""
-    return {argument: model.template if attribute == "template" else getattr(model.config, attribute)
-            for argument, attribute in CHECKPOINT_SETTINGS.items()}
+    serving = outputs.ServingSettings.from_model(model)
+    return {argument: getattr(serving, field) for argument, field in CHECKPOINT_SETTINGS.items()}
 
 
 def prepare_model(
@@ -85,30 +84,12 @@ def prepare_model(
     the ViT checkpointing is non-reentrant so its LoRA gets gradients with a frozen backbone.
     """
     fill_unset(model_args, data_args, checkpoint_settings(model))
-    config = model.config
-    if data_args.force_image_size != config.image_size:
-        model.vision_model.resize_pos_embeddings(
-            old_size=config.vision_config.image_size,
-            new_size=data_args.force_image_size,
-            patch_size=config.vision_config.patch_size,
-        )
-        config.vision_config.image_size = data_args.force_image_size
-    config.force_image_size = data_args.force_image_size
-    config.template = model.template = data_args.conv_style
-    config.select_layer = model.select_layer = model_args.vision_select_layer
-    config.ps_version = model.ps_version = model_args.ps_version
-    config.downsample_ratio = model.downsample_ratio = data_args.down_sample_ratio
-    config.dynamic_image_size = data_args.dynamic_image_size
-    config.use_thumbnail = data_args.use_thumbnail
-    config.min_dynamic_patch = data_args.min_dynamic_patch
-    config.max_dynamic_patch = data_args.max_dynamic_patch
-    model.num_image_token = num_image_tokens(
-        data_args.force_image_size, config.vision_config.patch_size, data_args.down_sample_ratio
-    )
-    model.system_message = model.conv_template.system_message
+    settings = {field: getattr(model_args if hasattr(model_args, argument) else data_args, argument)
+                for argument, field in CHECKPOINT_SETTINGS.items()}
+    outputs.ServingSettings(**settings, normalize_type=data_args.normalize_type).apply_to(model)
 
     if resize_embeddings_for_tokenizer(model.language_model, tokenizer):
-        config.llm_config.vocab_size = len(tokenizer)
+        model.config.llm_config.vocab_size = len(tokenizer)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     model.language_model.config.use_cache = False
     if model_args.grad_checkpoint:
@@ -167,9 +148,9 @@ class InternVLTrainer(Trainer):
         import deepspeed  # `deepspeed.zero` is an attribute of the package, not an importable module
 
         model = self.accelerator.unwrap_model(self.model)
-        trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
-        with deepspeed.zero.GatheredParameters(list(trainable.values())):  # a collective: every rank gathers
-            state_dict = {name: param.detach().cpu() for name, param in trainable.items()}  # GPU -> CPU: a copy
+        saved = outputs.saved_parameters(model, self.base_config)  # trainable, and embeddings that grew
+        with deepspeed.zero.GatheredParameters(list(saved.values())):  # a collective: every rank gathers
+            state_dict = {name: param.detach().cpu() for name, param in saved.items()}  # GPU -> CPU: a copy
         self._save(output_dir, state_dict=state_dict)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -286,6 +267,8 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
+    if model_args.save_full_model:  # a model merged by an earlier run may go, nothing else
+        outputs.check_merge_output(Path(training_args.output_dir) / outputs.FULL_MODEL, overwrite=True)
 
 
 # What an output folder may hold and still count as empty: our TensorBoard logs and staging folder, which a run
@@ -311,7 +294,9 @@ def resume_checkpoint(training_args: TrainingArguments, base_config: dict, model
             print(f"Resuming from {resume}, the last checkpoint in --output_dir (pass another --output_dir, or "
                   "--overwrite_output_dir True, to start afresh)")
     if resume is not None:
-        outputs.check_base(outputs.read_manifest(resume), resume, base_config, model_args.force_base_model)
+        manifest = outputs.read_manifest(resume)
+        outputs.check_base(manifest, resume, base_config, model_args.force_base_model)
+        outputs.check_ranks(manifest, resume, model_args)
     return resume
 
 
@@ -514,7 +499,8 @@ def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, mode
         os.replace(output_dir / "loss_history.json.tmp", output_dir / "loss_history.json")
         write_loss_curve(losses, output_dir / "loss_curve.png")
     if trainer.args.should_save and model_args.save_full_model:
-        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, trainer.base_path)
+        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, trainer.base_path,
+                                  overwrite=True)
     trainer.save_state()  # the marker: written on the main process only
 
 

@@ -76,11 +76,12 @@ class ServingSettings:
     ps_version: str
     select_layer: int
     downsample_ratio: float
+    normalize_type: str = "imagenet"  # the tiles' mean and std (official --normalize_type); not in official configs
 
     @classmethod
     def from_model(cls, model) -> ServingSettings:
         """The settings `model` runs with (its config, with the tile size and template it resolves)."""
-        values = {field.name: getattr(model.config, field.name) for field in fields(cls)}
+        values = {field.name: getattr(model.config, field.name, field.default) for field in fields(cls)}
         return cls(**{**values, "force_image_size": model.config.image_size, "template": model.template})
 
     def apply_to(self, model) -> None:
@@ -103,7 +104,7 @@ class ServingSettings:
         tiles = [image]
         if self.dynamic_image_size:
             tiles = dynamic_preprocess(image, self.min_dynamic_patch, self.max_dynamic_patch, size, self.use_thumbnail)
-        return tiles_to_tensor(tiles, size)
+        return tiles_to_tensor(tiles, size, self.normalize_type)
 
 
 # PEFT puts a wrapped part under `base_model.model.` and a wrapped linear's own weight under `base_layer.`.
