@@ -192,3 +192,27 @@ def test_a_failed_save_leaves_no_half_written_folder(tmp_path):
             (staging / "config.json").write_text("{}")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saving_over_a_folder_that_holds_something_else_is_refused(tmp_path):
+    (tmp_path / "README.md").write_text("mine\n")
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path))}: not empty; refusing to replace"):
+        build_model("Qwen2ForCausalLM").save_pretrained(tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["README.md"]
+
+
+def test_a_checkpoint_saved_again_is_replaced_and_keeps_its_tokenizer(tmp_path, tokenizer):
+    build_model("Qwen2ForCausalLM", seed=0).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    second = build_model("Qwen2ForCausalLM", seed=1)
+    second.save_pretrained(tmp_path)
+    assert (tmp_path / "tokenizer.json").is_file()
+    assert torch.equal(InternVLChatModel.from_pretrained(tmp_path).mlp1[1].weight, second.mlp1[1].weight)
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    build_model("Qwen2ForCausalLM").save_pretrained(tmp_path)
+    weights = tmp_path / checkpoint.SAFE_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{re.escape(str(weights))}: truncated or corrupt safetensors file"):
+        InternVLChatModel.from_pretrained(tmp_path)

@@ -190,14 +190,22 @@ def _write_bad_data(folder, images) -> None:
     lines = {
         "not_json": [json.dumps(good), '{"image": "00000.png", "conversations": [}'],
         "no_image": [json.dumps(good), json.dumps({**good, "image": "gone.png"})],
+        "empty": [],  # a 0-byte file
+        "all_bad": [json.dumps({**good, "image": "gone.png"}), '{"conversations": [}'],
+        "too_long": [json.dumps({**good, "conversations": [good["conversations"][0],
+                                                           {"from": "gpt", "value": "red " * 25_000}]})],
     }
     for name, records in lines.items():
-        (folder / f"{name}.jsonl").write_text("\n".join(records) + "\n")
+        (folder / f"{name}.jsonl").write_text("".join(record + "\n" for record in records))
     for name in (*lines, "no_jsonl"):
         meta = {name: {"root": str(images), "annotation": str(folder / f"{name}.jsonl")}}
         (folder / f"{name}.json").write_text(json.dumps(meta))
+    entry = {"root": str(images), "annotation": str(folder / "no_image.jsonl")}
+    (folder / "cut.json").write_text(json.dumps({"cut": {**entry, "repeat_time": 0.1}}))  # int(2 lines * 0.1) = 0
+    (folder / "twice.json").write_text(f'{{"twice": {json.dumps(entry)}, "twice": {json.dumps(entry)}}}')
+    (folder / "no_datasets.json").write_text("{}")
     (folder / "config.yaml").write_text("- use_llm_lora\n")
-    (folder / "ds.json").write_text("{}\n")  # a DeepSpeed config that exists, for the run without DeepSpeed
+    (folder / "ds.json").write_text('{"zero_optimization": {"stage": 1}}')
 
 
 @pytest.mark.parametrize(
@@ -215,6 +223,32 @@ def _write_bad_data(folder, images) -> None:
                      id="line not JSON"),
         pytest.param(["--meta_path", "{tmp}/no_image.json"], "{tmp}/no_image.jsonl:2: missing image: {images}/gone.png",
                      id="missing image"),
+        pytest.param(["--meta_path", "{tmp}/empty.json"],
+                     "{tmp}/empty.json: empty dataset: 'empty' ({tmp}/empty.jsonl) has no records", id="empty JSONL"),
+        pytest.param(["--meta_path", "{tmp}/cut.json"],
+                     "{tmp}/cut.json: empty dataset: 'cut' ({tmp}/no_image.jsonl): repeat_time 0.1 keeps none of its 2",
+                     id="repeat_time keeps no line"),
+        pytest.param(["--meta_path", "{tmp}/no_datasets.json"], "{tmp}/no_datasets.json: names no datasets",
+                     id="meta without datasets"),
+        pytest.param(["--meta_path", "{tmp}/twice.json"],
+                     "{tmp}/twice.json: 'twice' appears twice in one object; JSON would keep only the last",
+                     id="dataset named twice"),
+        pytest.param(["--meta_path", "{tmp}/all_bad.json", "--skip_bad_samples", "True"],
+                     "{tmp}/all_bad.json: nothing to train on: all 2 annotation lines are bad (malformed JSON: 1, "
+                     "missing image: 1); the first: {tmp}/all_bad.jsonl:1: missing image", id="every sample bad"),
+        pytest.param(["--meta_path", "{tmp}/too_long.json", "--max_seq_length", "256"],
+                     "{tmp}/too_long.jsonl:1: sample too long: 100014 bytes of text make at least 575 tokens",
+                     id="sample far over the limit"),
+        pytest.param(["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens",
+                     id="no tokens"),
+        pytest.param(["--force_image_size", "-56"], "--force_image_size -56: must be a positive number of pixels",
+                     id="negative image size"),
+        pytest.param(["--min_dynamic_patch", "0"], "--min_dynamic_patch 0: must be a positive number of tiles",
+                     id="no tiles"),
+        pytest.param(["--min_dynamic_patch", "4"], "--max_dynamic_patch 1: must be at least --min_dynamic_patch (4)",
+                     id="fewer tiles at most than at least"),
+        pytest.param(["--down_sample_ratio", "2"], "--down_sample_ratio 2.0: must be in (0, 1]",
+                     id="down-sampling that enlarges"),
         pytest.param(["--conv_style", "vicuna"],
                      "--conv_style 'vicuna': unknown conversation template; known: internvl2_5", id="unknown template"),
         pytest.param(["--use_llm_lora", "-4"],
@@ -233,6 +267,9 @@ def _write_bad_data(folder, images) -> None:
                      "{tmp}/config.yaml: expected a mapping of option names to values", id="config not a mapping"),
         pytest.param(["--fsdp", "full_shard"], "Using fsdp only works in distributed training",
                      id="FSDP in one process"),
+        pytest.param(["--deepspeed", "{tmp}/none.json"],
+                     "--deepspeed {tmp}/none.json: no such file, and not one of the official configs the package "
+                     "holds (zero_stage1_config.json, ", id="DeepSpeed config missing"),
         pytest.param(["--deepspeed", "{tmp}/ds.json"], "The 'deepspeed>=0.9.3' distribution was not found",
                      id="DeepSpeed not installed",
                      marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is not None,

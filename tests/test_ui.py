@@ -58,12 +58,15 @@ def browser():
 
 def expected_answers(demo_run, image) -> list[str]:
     """What `chat` answers with the base and with the adapter, as the page asks (greedy, 8 new tokens)."""
-    from internvl.inference import image_tiles, load_for_inference
+    from internvl.inference import load_for_inference
+    from internvl.train.outputs import ServingSettings
 
+    with Image.open(image) as picture:
+        picture = picture.convert("RGB")
     answers = []
     for adapter in (None, demo_run.out / "adapter"):
         loaded = load_for_inference(demo_run.out / "base", adapter)
-        tiles = image_tiles(loaded.model, image)
+        tiles = ServingSettings.from_model(loaded.model).image_tiles(picture)
         answers.append(loaded.model.chat(loaded.tokenizer, tiles, QUESTION, dict(max_new_tokens=8, do_sample=False)))
     return answers
 

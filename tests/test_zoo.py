@@ -59,6 +59,7 @@ def test_spot_facts_of_other_generations():
     assert zoo.official_config("InternVL3_5-30B-A3B")["llm_config"]["architectures"] == ["Qwen3MoeForCausalLM"]
     phi3 = zoo.official_config("InternVL2-4B")
     assert phi3["llm_config"]["architectures"] == ["Phi3ForCausalLM"] and phi3["template"] == "phi3-chat"
+    assert zoo.official_config("InternVL3_5-GPT-OSS-20B-A4B-Preview")["template"] == "internvl3_5_gpt_oss"
     six_b = zoo.official_config("InternVL2_5-78B")["vision_config"]
     assert (six_b["hidden_size"], six_b["num_hidden_layers"], six_b["qk_normalization"]) == (3200, 45, True)
 

@@ -113,7 +113,7 @@ LLM_ARCHS: dict[str, LLMArch] = {
             attn_implementation="eager",  # transformers' GPT-OSS has no sdpa path (attention sinks)
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
-            template="internvl2_5",
+            template="internvl3_5_gpt_oss",
         ),
     ]
 }

@@ -3,7 +3,9 @@
 A folder holds `config.json` and the weights as one `model.safetensors` or as shards listed in
 `model.safetensors.index.json` (pickled `pytorch_model*.bin` files are read with `weights_only=True`).
 Writes go to a temporary folder that is renamed into place, so a killed run never leaves a half-written
-checkpoint behind.
+checkpoint behind; that rename replaces a non-empty folder only when the caller says it may, and what it leaves
+follows the user's umask (safetensors writes files 0600, tempfile makes folders 0700: unreadable to a serving
+container running as another user).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 CONFIG_NAME = "config.json"
@@ -50,6 +52,14 @@ def read_config(folder: str | os.PathLike) -> dict:
     return config
 
 
+def existing_config(folder: str | os.PathLike) -> dict | None:
+    """The config of the InternVL chat checkpoint `folder` holds; None when it holds none (or an unreadable one)."""
+    try:
+        return read_config(folder)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _weight_files(folder: Path) -> list[Path]:
     for index_name in (SAFE_INDEX, PICKLE_INDEX):
         index = folder / index_name
@@ -72,15 +82,21 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from error
 
 
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of one safetensors file; a ValueError naming the file when it is truncated or corrupt (the
+    library's own error names no file)."""
+    try:
+        with safe_open(path, framework="pt") as reader:
+            return {key: reader.get_tensor(key) for key in reader.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({error})") from None
+
+
 def load_state_dict(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All weights of a checkpoint folder, floating-point tensors cast to `dtype` when given."""
     state: dict[str, torch.Tensor] = {}
     for path in _weight_files(Path(folder)):
-        if path.suffix == ".safetensors":
-            with safe_open(path, framework="pt") as reader:
-                part = {key: reader.get_tensor(key) for key in reader.keys()}
-        else:
-            part = _read_pickle(path)
+        part = read_safetensors(path) if path.suffix == ".safetensors" else _read_pickle(path)
         for key, tensor in part.items():
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
@@ -94,24 +110,42 @@ def checkpoint_dtype(config: dict) -> torch.dtype | None:
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else None
 
 
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Give each path, and everything below a folder, the mode a plain `mkdir` or `open` gives under the umask."""
+    umask = os.umask(0)  # reading the umask means setting it; put straight back
+    os.umask(umask)
+    for path in map(Path, paths):
+        for item in (path, *path.rglob("*")) if path.is_dir() else (path,):
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder next to `target`; on success it replaces `target` in one rename."""
+def atomic_directory(target: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging folder next to `target`; on success it takes `target`'s place in one rename.
+
+    `target` must be new or an empty folder, unless `replace`: the caller has checked that what it holds may go.
+    """
     target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target}: is a file, not a folder")
+    occupied = target.is_dir() and any(target.iterdir())
+    if occupied and not replace:
+        raise ValueError(f"{target}: not empty; refusing to replace what it holds")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        follow_umask(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if target.exists():
+    if occupied:
         retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         os.replace(target, retired / target.name)
         os.replace(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
     else:
-        os.replace(staging, target)
+        os.replace(staging, target)  # onto an empty folder too
 
 
 def save_state_dict(

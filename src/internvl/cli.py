@@ -34,17 +34,28 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    """`merge INPUT OUTPUT`: fold every LoRA adapter into the weights and save in the official format."""
+    """`merge INPUT OUTPUT`: fold the LoRA of INPUT (or of --adapter, put onto the base INPUT) into the weights and
+    save the official format into a new OUTPUT (or, with --overwrite, over a model merged before)."""
+    from internvl import checkpoint
     from internvl.model.internvl_chat import InternVLChatModel
-    from internvl.train.outputs import load_adapter, save_merged_model
+    from internvl.train.outputs import check_merge_output, load_adapter, read_manifest, save_merged_model
 
+    check_merge_output(args.output, args.overwrite, inputs=(args.input, args.adapter))
+    if args.adapter:
+        read_manifest(args.adapter)  # a wrong --adapter is named before the model loads
+    else:
+        config = checkpoint.read_config(args.input)
+        if not (config.get("use_llm_lora") or config.get("use_backbone_lora")):
+            raise ValueError(f"{args.input}: nothing to merge: its config.json sets no use_llm_lora or "
+                             "use_backbone_lora rank, and no --adapter was given")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = InternVLChatModel.from_pretrained(args.input, torch_dtype=dtype or "auto")
     if args.adapter:
         load_adapter(model, args.adapter, force=args.force_base_model)
-    ranks = (model.config.use_backbone_lora, model.config.use_llm_lora)
-    copied = save_merged_model(model, args.output, args.adapter, args.input)  # the adapter's tokenizer first
-    print(f"merged LoRA (backbone r={ranks[0]}, llm r={ranks[1]}) into {args.output}")
+    source = args.adapter or args.input
+    record, copied = save_merged_model(model, args.output, source, args.input, overwrite=args.overwrite)
+    lora = ", ".join(f"{part} r={rank}" for part, rank in record["lora"].items()) or "no LoRA, only trained weights"
+    print(f"merged {source} into {args.output}: {lora}")
     if copied:
         print(f"copied along: {', '.join(copied)}")
     return 0
@@ -74,13 +85,25 @@ def run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_chat(args: argparse.Namespace) -> int:
-    """`chat MODEL [--adapter DIR] [--image PATH] [QUESTION]`: one answer, or a session without QUESTION."""
-    from internvl.inference import image_tiles, load_for_inference
+def _open_image(path: str):
+    """The --image file decoded as RGB; a ValueError naming it when it is a folder, missing or no image."""
+    from internvl.data.reading import open_image
 
+    if Path(path).is_dir():
+        raise ValueError(f"--image {path}: a folder, not an image file")
+    return open_image(path)
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    """`chat MODEL [--adapter DIR] [--image PATH] [QUESTION]`: one answer, or a session without QUESTION; images
+    tiled and prompts built with the settings the adapter (or the model) was trained with."""
+    from internvl.inference import load_for_inference
+    from internvl.train.outputs import ServingSettings
+
+    image = _open_image(args.image) if args.image else None
     loaded = load_for_inference(args.model, args.adapter, args.force_base_model)
     model, tokenizer = loaded.model, loaded.tokenizer
-    pixel_values = image_tiles(model, args.image) if args.image else None
+    pixel_values = None if image is None else ServingSettings.from_model(model).image_tiles(image)
     config = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if args.question:
         print(model.chat(tokenizer, pixel_values, args.question, config))
@@ -128,6 +151,15 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def user_message(error: Exception) -> str:
+    """The one line a user error says. torch re-raises a DataLoader worker's error with the worker's traceback in
+    its message; its last line is "Type: message", the error itself."""
+    message = str(error)
+    if message.startswith("Caught ") and "DataLoader worker" in message.partition("\n")[0]:
+        message = message.rstrip().rpartition("\n")[2].partition(": ")[2]
+    return message
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     from internvl.data import validate
@@ -153,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="dtype of the saved weights (auto: the input's)")
     merge.add_argument("--adapter", help="adapter folder written by finetune, merged into the base INPUT")
-    merge.add_argument("--force-base-model", action="store_true", help="merge an adapter trained on another base")
+    merge.add_argument("--force-base-model", "--force_base_model", action="store_true",
+                       help="merge an adapter trained on another base, or onto a model with LoRA merged in")
+    merge.add_argument("--overwrite", action="store_true",
+                       help="replace OUTPUT if it holds a model merged before (never any other folder)")
     merge.set_defaults(func=run_merge)
 
     finetune = commands.add_parser(
@@ -168,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", help="adapter folder written by finetune")
     chat.add_argument("--image", help="image file")
     chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--force-base-model", action="store_true", help="load an adapter trained on another base")
+    chat.add_argument("--force-base-model", "--force_base_model", action="store_true",
+                      help="load an adapter trained on another base, or onto a model with LoRA merged in")
     chat.set_defaults(func=run_chat)
 
     evaluate = commands.add_parser(
@@ -222,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as error:
-        print(f"internvl-lora {args.command}: error: {error}", file=sys.stderr)
+        print(f"internvl-lora {args.command}: error: {user_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # what was being written is in a staging folder, removed on the way out
         print(f"internvl-lora {args.command}: interrupted", file=sys.stderr)

@@ -121,7 +121,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, pretrain_steps: int = 400,
 
     print("[4/4] merging the adapter and asking the merged model")
     merged_dir = out / "merged"
-    save_merged_model(tuned, merged_dir, base)
+    save_merged_model(tuned, merged_dir, adapter, base, overwrite=True)
     merged = InternVLChatModel.from_pretrained(merged_dir).eval()
     merged_answers = _ask_all(merged, tokenizer, items)
 

@@ -12,15 +12,13 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import IO
 
 import torch
 from transformers import TextIteratorStreamer
 
-from internvl.data.tiling import load_image
 from internvl.data.tokenizer import load_tokenizer
 from internvl.model.internvl_chat import InternVLChatModel
-from internvl.train.outputs import load_adapter
+from internvl.train.outputs import load_adapter, read_manifest
 
 
 @dataclass
@@ -36,7 +34,10 @@ class LoadedModel:
 
 def load_for_inference(base: str | os.PathLike, adapter: str | os.PathLike | None = None,
                        force_base_model: bool = False) -> LoadedModel:
-    """The checkpoint folder `base` in eval mode on the GPU when there is one, with the adapter folder on it."""
+    """The checkpoint folder `base` in eval mode on the GPU when there is one, with the adapter folder on it (and
+    so the adapter's serving settings: template, tiling)."""
+    if adapter is not None:
+        read_manifest(adapter)  # a wrong adapter folder is named before the model and tokenizer load
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = InternVLChatModel.from_pretrained(base, torch_dtype=dtype, device_map="auto").eval()
     if adapter is not None:
@@ -44,11 +45,6 @@ def load_for_inference(base: str | os.PathLike, adapter: str | os.PathLike | Non
     tokenizer = load_tokenizer(adapter or base)
     name = "base" if adapter is None else str(adapter)
     return LoadedModel(name, model, tokenizer, str(base), None if adapter is None else str(adapter))
-
-
-def image_tiles(model: InternVLChatModel, image: str | os.PathLike | IO[bytes]) -> torch.Tensor:
-    """An image file (path or open binary file) as `chat` takes it: the model's tiles plus thumbnail [N, 3, H, W]."""
-    return load_image(image, input_size=model.config.image_size, max_num=model.config.max_dynamic_patch)
 
 
 def stream_chat(loaded: LoadedModel, pixel_values: torch.Tensor | None, question: str,

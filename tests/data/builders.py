@@ -13,8 +13,10 @@ import zlib
 from pathlib import Path
 
 from PIL import Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from internvl.data.constants import SPECIAL_TOKENS
 
 TILE = 56  # tile side in pixels
 PATCH = 14
@@ -55,6 +57,31 @@ def write_checkpoint(folder: Path, **config_overrides) -> Path:
     tokenizer.save_pretrained(folder)
     (folder / "config.json").write_text(json.dumps({**CONFIG, **config_overrides}))
     return folder
+
+
+def phi3_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer that encodes the way Phi-3's slow tokenizer does on texts starting with a role token.
+
+    Phi-3's tokenizer puts a "▁" token between BOS and a leading role token such as <|user|>; the official phi3
+    counting relies on that, so this BPE's post-processor adds BOS and one extra token ("Ġ") in front.
+    """
+    roles = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *roles],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(CORPUS, trainer)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> Ġ $A", special_tokens=[("<s>", bpe.token_to_id("<s>")), ("Ġ", bpe.token_to_id("Ġ"))]
+    )
+    # pad is not <|endoftext|> here, so that the official rule "never learn <|endoftext|>" shows (with pad ==
+    # <|endoftext|> the official length check already rejects samples containing it).
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<unk>"
+    )
+    tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    return tokenizer
 
 
 def write_image(path: Path, width: int, height: int, color=(200, 30, 30), fmt: str | None = None) -> Path:

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 
 import pytest
 import torch
@@ -131,6 +132,29 @@ def test_datasets_of_a_meta_file_follow_each_other_with_their_repeat_time(tmp_pa
                        ["second<|im_end|>"], ["second<|im_end|>"]]
 
 
+@pytest.mark.parametrize(
+    "count, entry, problem",
+    [(0, {}, "has no records"), (10, {"repeat_time": 0.01}, "repeat_time 0.01 keeps none of its 10 record(s)")],
+)
+def test_a_dataset_giving_no_sample_is_refused_naming_the_meta_file_and_dataset(tmp_path, chat_tokenizer, count,
+                                                                                 entry, problem):
+    first = write_dataset(tmp_path, [GOOD], name="fine")
+    meta = write_dataset(tmp_path, [GOOD] * count, name="empty", meta=json.loads(first.read_text()), **entry)
+    with pytest.raises(ValueError) as error:
+        make_dataset(meta, chat_tokenizer, skip_bad_samples=True)
+    assert str(error.value).startswith(f"{meta}: empty dataset: 'empty' ({tmp_path / 'empty.jsonl'})")
+    assert str(error.value).endswith(problem)
+
+
+def test_a_wrong_length_in_the_meta_file_is_a_warning(tmp_path, chat_tokenizer, caplog):
+    meta = write_dataset(tmp_path, [GOOD] * 2, length=3)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        assert len(make_dataset(meta, chat_tokenizer)) == 2
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{meta}: length mismatch: 'ds' ({tmp_path / 'ds.jsonl'}) has 2 record(s), but its length says 3"
+    ]
+
+
 def test_data_augment_reencodes_tiles_reproducibly(tmp_path, chat_tokenizer):
     write_image(tmp_path / "a.png", 2 * TILE, TILE)
     record = {"image": "a.png", "conversations": chat("<image>What?", "A line.")}
@@ -197,6 +221,47 @@ def test_a_sample_truncated_before_its_answer_is_too_long(tmp_path, chat_tokeniz
         make_dataset(meta, chat_tokenizer, max_seq_length=40)[0]
 
 
+LONG = {"conversations": chat("What colour is it?", "Black and white. " * 50)}  # 490 tokens, GOOD 195
+
+
+def test_a_sample_over_the_limit_is_trained_truncated_and_logged_once_per_line(tmp_path, chat_tokenizer, caplog):
+    meta = write_dataset(tmp_path, [GOOD, LONG], repeat_time=2)
+    dataset = make_dataset(meta, chat_tokenizer, max_seq_length=300)
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        samples = [dataset[i] for i in (1, 3, 1)]  # line 2, its repeat, line 2 again
+    assert [sorted(sample) for sample in samples] == [["attention_mask", "image_flags", "input_ids", "labels",
+                                                       "pixel_values"]] * 3
+    assert all(len(sample["input_ids"]) == 300 for sample in samples)
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning == (f"{tmp_path / 'ds.jsonl'}:2: sample truncated: 490 tokens, 190 over the limit of 300 "
+                       "(189 answer tokens lost); trained on its first 300 tokens, as the official trainer does")
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        assert dataset.skip_report() == {"sample truncated": 1}
+    assert caplog.records[-1].getMessage() == "trained on 1 samples truncated to 300 tokens (each logged with its line)"
+
+
+def test_a_sample_certainly_over_twice_the_limit_is_refused_not_truncated(tmp_path, chat_tokenizer):
+    # 8,500 bytes of text; no token of chat_tokenizer stands for more than 13 (its longest: "<|endoftext|>").
+    far_too_long = {"conversations": chat("q", "Black and white. " * 500)}
+    dataset = make_dataset(write_dataset(tmp_path, [GOOD, far_too_long]), chat_tokenizer, max_seq_length=300)
+    with pytest.raises(SampleError) as error:
+        dataset[1]
+    assert str(error.value) == (
+        f"{tmp_path / 'ds.jsonl'}:2: sample too long: 8500 bytes of text make at least 654 tokens (no token stands "
+        "for more than 13 bytes), over twice the limit of 300: refused rather than truncated, which would drop most "
+        "of it; shorten or split it"
+    )
+
+
+def test_a_10_mb_line_is_refused_at_once_not_tokenized(tmp_path, chat_tokenizer):
+    meta = write_dataset(tmp_path, [GOOD, {"conversations": chat("Describe it.", "A cat on a mat. " * 625_000)}])
+    dataset = make_dataset(meta, chat_tokenizer, max_seq_length=2048)
+    start = time.perf_counter()
+    with pytest.raises(SampleError, match="ds.jsonl:2: sample too long: 10000011 bytes of text"):
+        dataset[1]
+    assert time.perf_counter() - start < 1  # tokenizing it all: 10 s and 2 GB here
+
+
 def test_a_template_that_does_not_fit_the_tokenizer_is_a_tokenization_mismatch(tmp_path, chat_tokenizer):
     meta = write_dataset(tmp_path, [GOOD])
     with pytest.raises(SampleError, match=r"ds.jsonl:1: tokenization mismatch: template 'internlm2-chat'"):
@@ -251,8 +316,25 @@ def test_skip_counts_from_dataloader_workers_reach_the_main_process(mixed_meta, 
     assert dataset.skip_report() == {"malformed JSON": 1, "missing image": 1, "image count mismatch": 1}
 
 
-def test_a_dataset_with_no_good_sample_fails_even_when_skipping(tmp_path, chat_tokenizer):
-    meta = write_dataset(tmp_path, [hostile_line(tmp_path, "missing"), hostile_line(tmp_path, "roles")])
+def test_truncations_seen_in_dataloader_workers_reach_the_main_process(tmp_path, chat_tokenizer):
+    dataset = make_dataset(write_dataset(tmp_path, [LONG, GOOD, LONG, GOOD]), chat_tokenizer, max_seq_length=300)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=Collator(chat_tokenizer.pad_token_id))
+    assert len(list(loader)) == 4
+    assert dataset.skip_report() == {"sample truncated": 2}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_dataset_with_no_good_sample_is_one_user_error_even_when_skipping(tmp_path, chat_tokenizer, workers):
+    first = write_dataset(tmp_path, [hostile_line(tmp_path, "missing")], name="one")
+    meta = write_dataset(tmp_path, [hostile_line(tmp_path, "roles"), hostile_line(tmp_path, "malformed")] * 2,
+                         name="two", meta=json.loads(first.read_text()), repeat_time=0.5)  # lines 1 and 2 used
     dataset = make_dataset(meta, chat_tokenizer, skip_bad_samples=True)
-    with pytest.raises(RuntimeError, match="every one of the 2 samples is bad"):
-        dataset[0]
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=Collator(chat_tokenizer.pad_token_id))
+    with pytest.raises(ValueError) as error:
+        next(iter(loader))
+    message = (f"{meta}: nothing to train on: all 3 annotation lines are bad (malformed JSON: 1, missing image: 1, "
+               f"invalid conversation: 1); the first: {tmp_path / 'one.jsonl'}:1: missing image")
+    if workers:  # torch re-raises a worker's error as "Caught ValueError in DataLoader worker ...", traceback and all
+        assert type(error.value) is ValueError and str(error.value).rstrip().endswith(f"ValueError: {message}")
+    else:
+        assert type(error.value) is ValueError and str(error.value) == message

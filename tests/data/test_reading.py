@@ -41,11 +41,16 @@ def test_meta_entries_in_file_order_with_defaults(tmp_path):
         ('{"x": {"root": "r", "annotation": "a", "repeat_time": 0}}', "repeat_time must be a positive number"),
         ('{"x": {"root": "r", "annotation": "a", "repeat_time": 1.5}}', "must be a whole number"),
         ('{"x": {"root": "r", "annotation": "a", "max_dynamic_patch": "6"}}', "max_dynamic_patch must be a positive"),
+        ("{}", "names no datasets"),
+        ('{"x": {"root": "r", "annotation": "a"}, "x": {"root": "s", "annotation": "b"}}',
+         "'x' appears twice in one object; JSON would keep only the last"),
+        ('{"x": {"root": "r", "annotation": "a", "root": "s"}}', "'root' appears twice"),
+        (b'{"caf\xe9": {}}', "can't decode byte 0xe9"),
     ],
 )
 def test_malformed_meta_names_the_file_and_entry(tmp_path, content, message):
     meta = tmp_path / "meta.json"
-    meta.write_text(content)
+    meta.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(ValueError, match=message) as error:
         read_meta(meta)
     assert str(meta) in str(error.value)
@@ -87,6 +92,27 @@ def test_repeat_time_above_one_repeats_every_line(tmp_path):
     annotations = Annotations(read_meta(meta)[0])
     assert len(annotations) == 15
     assert [annotations.record(i).line for i in (0, 4, 5, 7, 14)] == [1, 5, 1, 3, 5]
+
+
+@pytest.mark.parametrize(
+    "count, entry, problem",
+    [
+        (0, {}, "empty dataset: 'ds' ({annotation}) has no records"),
+        (10, {"repeat_time": 0.01},
+         "empty dataset: 'ds' ({annotation}): repeat_time 0.01 keeps none of its 10 record(s)"),
+        (2, {"length": 3}, "length mismatch: 'ds' ({annotation}) has 2 record(s), but its length says 3"),
+        (2, {"length": "2"}, "length mismatch: 'ds' ({annotation}) has 2 record(s), but its length says '2'"),
+        (1, {"length": True}, "length mismatch: 'ds' ({annotation}) has 1 record(s), but its length says True"),
+        (2, {}, None),
+        (2, {"length": None}, None),  # no claim, nothing to check
+        (10, {"repeat_time": 0.1}, None),
+    ],
+)
+def test_an_entry_giving_no_sample_or_a_wrong_length_is_a_problem_at_the_meta_file(tmp_path, count, entry, problem):
+    records = [{"conversations": chat(f"q{i}", f"a{i}")} for i in range(count)]
+    meta = write_dataset(tmp_path, records, **entry)  # its length: the record count unless the entry says otherwise
+    problems = [str(found) for found in Annotations(read_meta(meta)[0]).problems(meta)]
+    assert problems == ([] if problem is None else [f"{meta}: {problem.format(annotation=tmp_path / 'ds.jsonl')}"])
 
 
 # --- records ----------------------------------------------------------------------------------------------------

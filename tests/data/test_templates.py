@@ -48,6 +48,25 @@ def test_phi3_prompt():
     )
 
 
+def test_internvl3_5_gpt_oss_prompt_ends_the_last_answer_with_return_and_opens_with_the_bare_role():
+    conv = get_conv_template("internvl3_5_gpt_oss")
+    assert conv.system_message.startswith("You are InternVL, a large language model trained by Shanghai AI Laboratory.")
+    assert conv.system_message.endswith("Reasoning: low\n\n# Valid channels: final. Channel must be included for "
+                                        "every message.")
+    conv.system_message = "S"
+    for question, answer in (("Q1", "A1"), ("Q2", "A2")):
+        conv.append_message(conv.roles[0], question)
+        conv.append_message(conv.roles[1], answer)
+    assert conv.get_prompt() == (
+        "<|start|>system<|message|>S<|end|>"
+        "<|start|>user<|message|>Q1<|end|><|start|>assistant<|channel|>final<|message|>A1<|end|>"
+        "<|start|>user<|message|>Q2<|end|><|start|>assistant<|channel|>final<|message|>A2<|return|>"
+    )
+    conv.append_message(conv.roles[0], "Q3")
+    conv.append_message(conv.roles[1], None)
+    assert conv.get_prompt().endswith("A2<|end|><|start|>user<|message|>Q3<|end|><|start|>assistant")
+
+
 def test_system_message_and_roles_are_assignable():
     conv = get_conv_template("internvl2_5")
     conv.system_message = "Be brief."
@@ -78,6 +97,7 @@ def test_get_conv_template_returns_independent_copies():
         ("internlm2-chat", "<|im_end|>", ("<|im_end|>",)),
         ("Hermes-2", "<|im_end|>", ("<|im_end|>", "<|endoftext|>")),
         ("phi3-chat", "<|end|>", ("<|end|>",)),
+        ("internvl3_5_gpt_oss", "<|return|>", ("<|return|>",)),
     ],
 )
 def test_stop_criteria(name, stop_token, stop_strings):

@@ -11,8 +11,16 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
 from internvl.data.constants import IGNORE_INDEX, SPECIAL_TOKENS
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+from internvl.data.tokenize import (
+    SampleTooLong,
+    TokenizationMismatch,
+    Truncation,
+    longest_token_bytes,
+    preprocess,
+    text_bytes,
+)
 from internvl.data.tokenizer import load_tokenizer
+from tests.data.builders import phi3_style_tokenizer
 from tests.data.test_tokenizer import CORPUS, write_bpe_checkpoint, write_internlm2_checkpoint
 
 SYSTEM_2_5 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
@@ -42,30 +50,20 @@ def internlm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phi3():
-    """A tokenizer that encodes the way Phi-3's slow tokenizer does on texts starting with a role token.
+    return phi3_style_tokenizer()
 
-    Phi-3's tokenizer puts a "▁" token between BOS and a leading role token such as <|user|>; the official phi3
-    counting relies on that, so this BPE's post-processor adds BOS and one extra token ("Ġ") in front.
-    """
-    roles = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+@pytest.fixture(scope="module")
+def harmony():
+    """Byte-level BPE with GPT-OSS's harmony tokens and no BOS, as InternVL3.5-GPT-OSS uses."""
+    harmony_tokens = ["<|endoftext|>", "<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>"]
     bpe = Tokenizer(BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>", *roles],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    bpe.post_processor = processors.TemplateProcessing(
-        single="<s> Ġ $A", special_tokens=[("<s>", bpe.token_to_id("<s>")), ("Ġ", bpe.token_to_id("Ġ"))]
-    )
-    # pad is not <|endoftext|> here, so that the official rule "never learn <|endoftext|>" shows (with pad ==
-    # <|endoftext|> the official length check already rejects samples containing it).
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<s>", eos_token="<|endoftext|>", unk_token="<unk>", pad_token="<unk>"
-    )
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=harmony_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([*CORPUS, "system user assistant final"], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|return|>", pad_token="<|endoftext|>")
     tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
     return tokenizer
 
@@ -167,6 +165,27 @@ def test_phi3_learns_answers_and_never_endoftext(phi3):
     assert runs == [encode(phi3, text) for text in ["A cat sits on a mat.<|end|>", "Black", " and white.<|end|>"]]
 
 
+def test_internvl3_5_gpt_oss_learns_channel_header_answer_and_end_token(harmony):
+    system = {"from": "system", "value": "Answer briefly."}
+    sample = preprocess("internvl3_5_gpt_oss", [system, *TWO_ROUNDS], harmony, [3])
+    prompt = (
+        "<|start|>system<|message|>Answer briefly.<|end|>"
+        f"<|start|>user<|message|>{IMAGE}\nWhat is in the image?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>A cat sits on a mat.<|end|>"
+        "<|start|>user<|message|>What colour is it?<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>Black and white.<|return|>"
+    )
+    # Only "<|start|>assistant" of each answer is not learned; the last answer ends with <|return|>, earlier ones
+    # with <|end|>.
+    check_sample(sample, harmony, prompt, ["<|channel|>final<|message|>A cat sits on a mat.<|end|>",
+                                           "<|channel|>final<|message|>Black and white.<|return|>"])
+
+
+def test_internvl3_5_gpt_oss_text_only_sample_ends_with_return(harmony):
+    sample = preprocess("internvl3_5_gpt_oss", TWO_ROUNDS[2:], harmony, [], text_only=True)
+    assert harmony.decode(learned_runs(sample["labels"])[-1]) == "<|channel|>final<|message|>Black and white.<|return|>"
+
+
 def test_single_round_text_only_keeps_image_placeholder(qwen):
     turns = [{"from": "human", "value": "Is <image> a tag?"}, {"from": "gpt", "value": "Yes."}]
     sample = preprocess("Hermes-2", turns, qwen, [256], text_only=True)
@@ -239,11 +258,43 @@ def test_truncation_keeps_whole_images(qwen):
     assert torch.equal(cut["labels"], full["labels"][:limit])
 
 
+@pytest.mark.parametrize(  # the last tokens: "... Black and white.<|im_end|>\n", the "\n" not learned
+    "cut, learned_lost, lost", [(1, 0, "no answer token lost"), (4, 3, "3 answer tokens lost")]
+)
+def test_truncation_says_how_many_tokens_and_answer_tokens_it_cut(qwen, cut, learned_lost, lost):
+    full = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3])
+    assert "truncation" not in full
+    tokens = len(full["input_ids"])
+    assert int(full["labels"][tokens - cut:].ne(IGNORE_INDEX).sum()) == learned_lost
+    truncation = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3], max_seq_length=tokens - cut)["truncation"]
+    assert truncation == Truncation(tokens=tokens, limit=tokens - cut, answer_tokens=learned_lost)
+    assert str(truncation) == f"{tokens} tokens, {cut} over the limit of {tokens - cut} ({lost})"
+
+
 def test_truncation_through_an_image_is_refused(qwen):
     full = preprocess("internvl2_5", TWO_ROUNDS, qwen, [3])
     inside_image = full["input_ids"].tolist().index(qwen.convert_tokens_to_ids("<IMG_CONTEXT>")) + 1
     with pytest.raises(SampleTooLong, match=f"{len(full['input_ids'])} tokens.*limit of {inside_image}"):
         preprocess("internvl2_5", TWO_ROUNDS, qwen, [3], max_seq_length=inside_image)
+
+
+def test_text_bytes_are_counted_after_the_tokenizers_normalizer(qwen, internlm2, phi3):
+    decomposed = "e\u0301" * 10  # "é" as e + combining acute: 3 bytes, 2 once composed
+    assert text_bytes(qwen, decomposed) == 20  # transformers' Qwen2Tokenizer normalizes to NFC
+    assert text_bytes(internlm2, decomposed) == text_bytes(phi3, decomposed) == 30  # no normalizer
+
+
+@pytest.mark.parametrize("name", ["qwen", "internlm2", "phi3"])
+@pytest.mark.parametrize(
+    "text",
+    [*CORPUS[:3], SYSTEM_2_5, " " * 200, "\n\n\t  " * 30, "e\u0301" * 50, "\u1100\u1161\u11a8" * 40, "<|im_end|>" * 9,
+     IMAGE * 5, "\U0001f600" * 20],
+    ids=["english", "english-2", "chinese", "system", "spaces", "whitespace", "combining", "jamo", "special", "image",
+         "emoji"],
+)
+def test_a_text_of_b_bytes_is_at_least_b_over_the_longest_token_bytes_tokens(request, name, text):
+    tokenizer = request.getfixturevalue(name)
+    assert len(encode(tokenizer, text)) * longest_token_bytes(tokenizer) >= text_bytes(tokenizer, text)
 
 
 def test_tokenizer_model_max_length_is_the_default_limit(tmp_path):

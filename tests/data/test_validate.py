@@ -2,12 +2,14 @@
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 
 import pytest
 
-from internvl.data.dataset import SampleBuilder
+from internvl.data.dataset import InternVLDataset, SampleBuilder
+from internvl.data.tokenizer import load_tokenizer
 from internvl.data.validate import add_subcommand, settings_from_config, validate_dataset
 from tests.data.builders import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
 
@@ -85,12 +87,53 @@ def test_validate_data_names_a_model_folder_that_is_not_an_internvl_checkpoint(t
         args.func(args)
 
 
+@pytest.mark.parametrize(
+    "meta, option, error",
+    [
+        ("{{}}", [], "{meta}: names no datasets"),
+        ('{{"x": {entry}, "x": {entry}}}', [],
+         "{meta}: 'x' appears twice in one object; JSON would keep only the last"),
+        ('{{"x": {entry}}}', ["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens"),
+        ('{{"x": {entry}}}', ["--max_seq_length", "-1"], "--max_seq_length -1: must be a positive number of tokens"),
+    ],
+    ids=["no datasets", "a name twice", "no tokens", "negative tokens"],
+)
+def test_a_meta_file_or_option_that_cannot_be_checked_is_one_error_line(tmp_path, model_dir, capsys, meta, option,
+                                                                         error):
+    from internvl.cli import main
+
+    entry = json.loads(write_dataset(tmp_path, [GOOD]).read_text())["ds"]
+    path = tmp_path / "bad_meta.json"
+    path.write_text(meta.format(entry=json.dumps(entry)))
+    assert main(["validate-data", "--meta_path", str(path), "--model_name_or_path", str(model_dir), *option]) == 2
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", f"internvl-lora validate-data: error: {error.format(meta=path)}\n")
+
+
 def test_max_seq_length_option_limits_samples(tmp_path, model_dir, capsys):
     meta = write_dataset(tmp_path, [GOOD])
     args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
                   "--max_seq_length", "40"])
     assert args.func(args) == 1
     assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds.jsonl'}:1: sample too long: no answer token")
+
+
+def test_a_sample_over_the_limit_is_a_problem_saying_what_training_would_cut(tmp_path, model_dir, capsys, caplog):
+    long = {"conversations": chat("What colour is it?", "Black and white. " * 50)}
+    meta = write_dataset(tmp_path, [GOOD, long])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
+                  "--max_seq_length", "300"])
+    assert args.func(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    builder = SampleBuilder(load_tokenizer(model_dir), max_seq_length=300, **settings_from_config(CONFIG))
+    with caplog.at_level(logging.WARNING, logger="internvl.data.dataset"):
+        InternVLDataset(meta, builder)[1]
+    (trained,) = [record.getMessage() for record in caplog.records]  # what training logs for the line
+    assert lines[0] == (f"{tmp_path / 'ds.jsonl'}:2: sample truncated: 490 tokens, 190 over the limit of 300 "
+                        "(189 answer tokens lost)")
+    assert trained.startswith(lines[0] + ";")
+    assert lines[1:] == ["checked 2 lines in 1 datasets: 1 problems", "problems per cause:", "  sample truncated: 1",
+                         "problems per dataset:", "  ds: 1 in 2 lines"]
 
 
 def test_workers_do_not_change_the_report(hostile_folder, chat_tokenizer):
@@ -112,12 +155,43 @@ def test_many_lines_are_split_across_workers_in_order(tmp_path, chat_tokenizer):
                                                                    (141, "image count mismatch")]
 
 
+def test_worker_processes_refuse_a_line_far_over_the_limit_too(tmp_path, chat_tokenizer):
+    records = [GOOD] * 100
+    records[90] = {"conversations": chat("q", "Black and white. " * 500)}  # line 91: in the second task
+    meta = write_dataset(tmp_path, records)
+    builder = SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, max_seq_length=300)
+    (problem,) = validate_dataset(meta, builder, workers=2).all_problems()
+    assert str(problem).startswith(f"{tmp_path / 'ds.jsonl'}:91: sample too long: 8500 bytes of text make at least "
+                                   "654 tokens")
+
+
 def test_an_unreadable_annotation_file_is_a_problem_of_its_dataset(tmp_path, chat_tokenizer):
     meta = tmp_path / "meta.json"
     meta.write_text(json.dumps({"gone": {"root": str(tmp_path), "annotation": str(tmp_path / "gone.jsonl")}}))
     report = validate_dataset(meta, SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, max_seq_length=4096))
     assert [str(p) for p in report.all_problems()] == [
         f"{tmp_path / 'gone.jsonl'}: missing annotation: No such file or directory"
+    ]
+
+
+def test_a_dataset_giving_no_sample_or_claiming_a_wrong_length_is_one_line_at_the_meta(tmp_path, model_dir, capsys):
+    empty = write_dataset(tmp_path, [], name="empty")
+    cut = write_dataset(tmp_path, [GOOD] * 10, name="cut", meta=json.loads(empty.read_text()), repeat_time=0.01)
+    meta = write_dataset(tmp_path, [GOOD] * 2, name="claims", meta=json.loads(cut.read_text()), length=3)
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir)])
+    assert args.func(args) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{meta}: empty dataset: 'empty' ({tmp_path / 'empty.jsonl'}) has no records",
+        f"{meta}: empty dataset: 'cut' ({tmp_path / 'cut.jsonl'}): repeat_time 0.01 keeps none of its 10 record(s)",
+        f"{meta}: length mismatch: 'claims' ({tmp_path / 'claims.jsonl'}) has 2 record(s), but its length says 3",
+        "checked 12 lines in 3 datasets: 3 problems",
+        "problems per cause:",
+        "  empty dataset: 2",
+        "  length mismatch: 1",
+        "problems per dataset:",
+        "  empty: 1 in 0 lines",
+        "  cut: 1 in 10 lines",
+        "  claims: 1 in 2 lines",
     ]
 
 

@@ -9,10 +9,12 @@ import urllib.error
 import urllib.request
 
 import pytest
+from PIL import Image
 
 from internvl.data.constants import IMG_CONTEXT_TOKEN
-from internvl.inference import LoadedModel, image_tiles
+from internvl.inference import LoadedModel
 from internvl.synthetic import write_dataset
+from internvl.train.outputs import ServingSettings
 from internvl.ui.server import UIServer
 from tests.builders import build_model
 
@@ -55,8 +57,9 @@ def test_an_answer_streams_as_it_grows_and_ends_with_chat_s_answer(server, token
     *streamed, answered, done = events  # the text so far after each piece; chat's answer; the end
     texts = [event["text"] for event in streamed]
     assert len(texts) > 1 and all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
-    expected = model.chat(tokenizer, image_tiles(model, image), "What colour is the shape?",
-                          dict(max_new_tokens=6, do_sample=False))
+    with Image.open(image) as picture:
+        tiles = ServingSettings.from_model(model).image_tiles(picture.convert("RGB"))
+    expected = model.chat(tokenizer, tiles, "What colour is the shape?", dict(max_new_tokens=6, do_sample=False))
     assert done["answer"] == answered["text"] == expected and done["seconds"] >= 0
     assert model.img_context_token_id == tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 

@@ -10,18 +10,23 @@ It does what the official `LazySupervisedDataset` + `build_datasets` do, for ima
 
 Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
 SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
-the next good sample (index + 1, + 2, ...), so the same index always gives the same sample.
+the next good sample (index + 1, + 2, ...), so the same index always gives the same sample; when none is left,
+a ValueError says so (one line: how many, per cause, the first). A sample over the length limit is truncated and
+trained on, as officially, but logged once per line and counted too; one certainly over twice the limit is a bad
+sample (`sample too long`), refused before it is tokenized.
 """
 
 from __future__ import annotations
 
 import bisect
 import io
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 
 import torch
@@ -38,16 +43,25 @@ from internvl.data.constants import (
 )
 from internvl.data.errors import (
     CAUSES,
+    EMPTY_DATASET,
     IMAGE_COUNT_MISMATCH,
     INVALID_CONVERSATION,
     SAMPLE_TOO_LONG,
+    SAMPLE_TRUNCATED,
     TOKENIZATION_MISMATCH,
     SampleError,
 )
 from internvl.data.reading import Annotations, Record, open_image, read_meta
 from internvl.data.templates import get_conv_template
-from internvl.data.tiling import count_tiles, dynamic_preprocess, tiles_per_image, tiles_to_tensor
-from internvl.data.tokenize import SampleTooLong, TokenizationMismatch, preprocess
+from internvl.data.tiling import count_tiles, dynamic_preprocess, expand_to_square, tiles_per_image, tiles_to_tensor
+from internvl.data.tokenize import (
+    SampleTooLong,
+    TokenizationMismatch,
+    Truncation,
+    longest_token_bytes,
+    preprocess,
+    text_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +81,8 @@ class SampleBuilder:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     max_seq_length: int | None = None  # None: tokenizer.model_max_length
+    normalize_type: str = "imagenet"  # the mean and std of the tiles (NORMALIZATIONS)
+    pad2square: bool = False  # without tiling, pad each image to a square of the mean colour (not when augmenting)
 
     def __post_init__(self):
         get_conv_template(self.template_name)  # an unknown name is one settings error, not a bad sample per line
@@ -74,31 +90,40 @@ class SampleBuilder:
             if self.tokenizer.convert_tokens_to_ids(token) in (None, self.tokenizer.unk_token_id):
                 raise ValueError(f"tokenizer has no {token} token; load it with internvl.data.tokenizer.load_tokenizer")
 
+    @property
+    def limit(self) -> int:
+        """The most tokens a sample keeps."""
+        return self.max_seq_length or self.tokenizer.model_max_length
+
     def build(self, record: Record, max_dynamic_patch: int | None = None, augment: bool = False) -> dict:
-        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags.
+        """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags;
+        and "truncation" (a `Truncation`) when the length limit cut it.
 
         `max_dynamic_patch` (the meta entry's) replaces the builder's. Raises SampleError located at the record.
         """
         with _located(record):
             conversations, images, budget = self._read(record, max_dynamic_patch)
-            tiles = [self._tiles(image, budget) for image in images]
+            tiles = [self._tiles(image, budget, augment) for image in images]
             sample = self._tokenize(conversations, [len(image_tiles) for image_tiles in tiles])
         flat = [tile for image_tiles in tiles for tile in image_tiles]
         if augment:
             flat = [_jpeg_degrade(tile) for tile in flat]
         if flat:
-            sample["pixel_values"] = tiles_to_tensor(flat, self.image_size)
+            sample["pixel_values"] = tiles_to_tensor(flat, self.image_size, self.normalize_type)
             sample["image_flags"] = torch.ones(len(flat), dtype=torch.long)
         else:  # as officially: one tile the model drops (flag 0), so that every sample runs the vision encoder
             sample["pixel_values"] = torch.zeros(1, 3, self.image_size, self.image_size)
             sample["image_flags"] = torch.zeros(1, dtype=torch.long)
         return sample
 
-    def check(self, record: Record, max_dynamic_patch: int | None = None) -> None:
-        """Everything `build` checks, without making pixels; raises the same located SampleError."""
+    def check(self, record: Record, max_dynamic_patch: int | None = None) -> SampleError | None:
+        """Everything `build` checks, without making pixels; raises the same located SampleError. Returns the
+        problem that training lives with, located: the sample's truncation (None: it fits)."""
         with _located(record):
             conversations, images, budget = self._read(record, max_dynamic_patch)
-            self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+            sample = self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+        truncation = sample.get("truncation")
+        return None if truncation is None else _truncation_problem(record, truncation)
 
     def _read(self, record: Record, max_dynamic_patch: int | None) -> tuple[list, list[Image.Image], int]:
         """The conversation with its placeholders, the decoded images and each image's tile budget."""
@@ -121,9 +146,10 @@ class SampleBuilder:
             raise SampleError(IMAGE_COUNT_MISMATCH, detail)
         return conversations
 
-    def _tiles(self, image: Image.Image, budget: int) -> list[Image.Image]:
+    def _tiles(self, image: Image.Image, budget: int, augment: bool) -> list[Image.Image]:
         if not self.dynamic_image_size:
-            return [image]
+            # Officially the padding is in the evaluation transform only, which data_augment datasets do not use.
+            return [expand_to_square(image, self.normalize_type) if self.pad2square and not augment else image]
         return dynamic_preprocess(image, self.min_dynamic_patch, budget, self.image_size, self.use_thumbnail)
 
     def _count_tiles(self, image: Image.Image, budget: int) -> int:
@@ -132,8 +158,25 @@ class SampleBuilder:
         return count_tiles(image.width, image.height, self.min_dynamic_patch, budget, self.image_size,
                            self.use_thumbnail)
 
+    @cached_property
+    def _longest_token_bytes(self) -> int:
+        return longest_token_bytes(self.tokenizer)
+
     def _tokenize(self, conversations: list[dict[str, str]], tile_counts: Sequence[int]) -> dict:
-        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too."""
+        """preprocess(), its errors turned into SampleErrors; a sample left with nothing to learn is one too, and so
+        is one certainly over twice the limit (truncation would drop most of it), found without tokenizing it: a
+        10 MB line takes seconds and GBs to tokenize.
+        """
+        # Each value as stripped: internlm2-chat strips them, and every template's prompt holds at least that much.
+        size = sum(text_bytes(self.tokenizer, turn["value"].strip()) for turn in conversations)
+        fewest = -(-size // self._longest_token_bytes)  # tokens, at least: see longest_token_bytes
+        if fewest > 2 * self.limit:
+            raise SampleError(
+                SAMPLE_TOO_LONG,
+                f"{size} bytes of text make at least {fewest} tokens (no token stands for more than "
+                f"{self._longest_token_bytes} bytes), over twice the limit of {self.limit}: refused rather than "
+                "truncated, which would drop most of it; shorten or split it",
+            )
         try:
             sample = preprocess(
                 self.template_name,
@@ -149,9 +192,13 @@ class SampleBuilder:
         except ValueError as error:  # preprocess's other errors are all about the turns
             raise SampleError(INVALID_CONVERSATION, str(error)) from None
         if bool((sample["labels"] == IGNORE_INDEX).all()):
-            limit = self.max_seq_length or self.tokenizer.model_max_length
-            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {limit} tokens")
+            raise SampleError(SAMPLE_TOO_LONG, f"no answer token within the first {self.limit} tokens")
         return sample
+
+
+def _truncation_problem(record: Record, truncation: Truncation) -> SampleError:
+    """A sample's truncation as a problem at its record's FILE:LINE."""
+    return SampleError(SAMPLE_TRUNCATED, str(truncation), record.file, record.line)
 
 
 @contextmanager
@@ -161,6 +208,24 @@ def _located(record: Record) -> Iterator[None]:
         yield
     except SampleError as error:
         raise error.located(record.file, record.line) from None
+
+
+def _per_cause(counts: dict[str, int]) -> str:
+    return ", ".join(f"{cause}: {count}" for cause, count in counts.items())
+
+
+def _estimated_length(raw: bytes, image_tokens: int) -> int:
+    """A record line's length in tokens for grouping: its `length` field, else about 4 bytes of text a token."""
+    try:
+        record = json.loads(raw)
+    except ValueError:  # a bad line: it fails when built, its length matters little
+        return len(raw) // 4
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return len(raw) // 4
+    if isinstance(record.get("length"), int):
+        return record["length"]
+    text = sum(len(str(turn.get("value", "")).encode()) for turn in record["conversations"] if isinstance(turn, dict))
+    return text // 4 + (image_tokens if record.get("image") else 0)
 
 
 def _jpeg_degrade(tile: Image.Image) -> Image.Image:
@@ -177,17 +242,26 @@ class InternVLDataset(Dataset):
     """Every dataset of a meta JSON as one map-style dataset, in meta order; items are ready for the Collator."""
 
     def __init__(self, meta_path: str | os.PathLike, builder: SampleBuilder, skip_bad_samples: bool = False):
+        """Index the annotation files; a dataset that gives no sample is a ValueError, a wrong `length` a warning."""
+        self.meta_path = meta_path
         self.builder = builder
         self.skip_bad_samples = skip_bad_samples
         self.parts = [Annotations(spec) for spec in read_meta(meta_path)]
+        for part in self.parts:
+            for problem in part.problems(meta_path):
+                if problem.cause == EMPTY_DATASET:
+                    raise problem
+                logger.warning("%s", problem)
         self._ends = list(accumulate(len(part) for part in self.parts))  # global index ranges of the parts
-        # Bad-sample marks, one byte per distinct line (0: not known bad, k: cause CAUSES[k - 1]). Shared memory, so
-        # that marks made in DataLoader worker processes reach skip_report() in the main process.
+        # Marks, one byte per distinct line, in shared memory so that marks made in DataLoader worker processes
+        # reach skip_report() in the main process. _bad: 0 not known bad, k cause CAUSES[k - 1]; _truncated: 1 once
+        # the line's truncation was logged.
         self._line_starts = [0, *accumulate(part.distinct for part in self.parts)]
-        self._bad = torch.zeros(max(self._line_starts[-1], 1), dtype=torch.uint8).share_memory_()
+        self._bad = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
+        self._truncated = torch.zeros(self._line_starts[-1], dtype=torch.uint8).share_memory_()
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not 0 <= index < len(self):
@@ -204,18 +278,46 @@ class InternVLDataset(Dataset):
             except SampleError as error:
                 self._bad[mark] = CAUSES.index(error.cause) + 1
                 logger.warning("skipping bad sample %s", error)
-        raise RuntimeError(f"every one of the {len(self)} samples is bad: {self.skip_report()}")
+        raise self._nothing_to_train_on()
 
     def skip_report(self) -> dict[str, int]:
-        """Bad samples skipped so far (distinct annotation lines), per cause; also logged as a warning."""
-        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
-        report = {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+        """Samples not trained on as written so far (distinct annotation lines), per cause: the bad ones skipped, and
+        the truncated ones (`sample truncated`); also logged as warnings."""
+        report = self._bad_lines()
         if report:
-            details = ", ".join(f"{cause}: {count}" for cause, count in report.items())
-            logger.warning("skipped %d bad samples (%s)", sum(report.values()), details)
+            logger.warning("skipped %d bad samples (%s)", sum(report.values()), _per_cause(report))
         elif self.skip_bad_samples:
             logger.info("no bad sample skipped")
+        truncated_lines = int(self._truncated.sum())
+        if truncated_lines:
+            report[SAMPLE_TRUNCATED] = truncated_lines
+            logger.warning("trained on %d samples truncated to %d tokens (each logged with its line)",
+                           truncated_lines, self.builder.limit)
         return report
+
+    def _bad_lines(self) -> dict[str, int]:
+        """Bad annotation lines found so far, per cause."""
+        counts = torch.bincount(self._bad.long(), minlength=len(CAUSES) + 1).tolist()
+        return {cause: count for cause, count in zip(CAUSES, counts[1:]) if count}
+
+    def _nothing_to_train_on(self) -> ValueError:
+        """The error when skipping found every line bad: a user's error (one line), not a crash."""
+        first = self.parts[0]
+        where = f"{first.spec.annotation}:{first.index.line_numbers[0]}: {CAUSES[int(self._bad[0]) - 1]}"
+        return ValueError(f"{self.meta_path}: nothing to train on: all {len(self._bad)} annotation lines are bad "
+                          f"({_per_cause(self._bad_lines())}); the first: {where}")
+
+    def lengths(self) -> list[int]:
+        """Each sample's length in tokens, estimated for length-grouped batches (--group_by_length) without building
+        any sample: a record's own `length` field where it has one (as officially), else its text's UTF-8 bytes / 4
+        plus, when it has images, the image tokens of a full tile budget. Reads every line once."""
+        builder = self.builder
+        image_tokens = builder.num_image_token * (builder.max_dynamic_patch + int(builder.use_thumbnail))
+        lengths = []
+        for part in self.parts:
+            distinct = [_estimated_length(part.index.read(line), image_tokens) for line in range(part.distinct)]
+            lengths += distinct * part.repeats
+        return lengths
 
     def _locate(self, index: int) -> tuple[int, int]:
         """(part, index within the part) of a global index."""
@@ -228,7 +330,16 @@ class InternVLDataset(Dataset):
         return self._line_starts[part] + local % self.parts[part].distinct
 
     def _build(self, index: int) -> dict[str, torch.Tensor]:
+        """The sample of a global index; its truncation, if any, logged the first time its line is read."""
         part, local = self._locate(index)
         annotations = self.parts[part]
         spec = annotations.spec
-        return self.builder.build(annotations.record(local), spec.max_dynamic_patch, augment=spec.data_augment)
+        record = annotations.record(local)
+        sample = self.builder.build(record, spec.max_dynamic_patch, augment=spec.data_augment)
+        truncation = sample.pop("truncation", None)
+        mark = self._mark_position(index)
+        if truncation is not None and not self._truncated[mark]:
+            self._truncated[mark] = 1
+            logger.warning("%s; trained on its first %d tokens, as the official trainer does",
+                           _truncation_problem(record, truncation), truncation.limit)
+        return sample

@@ -1,7 +1,8 @@
-"""SampleError: why one training sample cannot be used, located as `FILE:LINE` (compiler style).
+"""SampleError: what is wrong with a training sample or a dataset, located as `FILE:LINE` (compiler style).
 
-Every bad input the data pipeline detects has one of the causes below; the dataset's skip report and the
-`validate-data` command count problems by these strings.
+Every problem the data pipeline detects in the data has one of the causes below; the dataset's skip report and
+the `validate-data` command count problems by these strings. Most make a sample unusable; a truncated sample is
+still trained on (as officially), and a meta entry's wrong `length` changes nothing, but both are reported.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ NOT_UTF8 = "not UTF-8"
 MALFORMED_JSON = "malformed JSON"
 INVALID_RECORD = "invalid record"  # valid JSON, but not the official record layout
 MISSING_ANNOTATION = "missing annotation"  # a meta entry's JSONL file cannot be read (a whole file, no line)
+EMPTY_DATASET = "empty dataset"  # a meta entry gives no sample: its JSONL has no records, or repeat_time keeps none
+LENGTH_MISMATCH = "length mismatch"  # a meta entry's `length` is not the record count of its JSONL
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"  # not an image, truncated or corrupt
 DECOMPRESSION_BOMB = "decompression bomb"
 IMAGE_COUNT_MISMATCH = "image count mismatch"  # number of <image> placeholders != number of images
 INVALID_CONVERSATION = "invalid conversation"  # roles out of order, empty turns, no answer at the end
-SAMPLE_TOO_LONG = "sample too long"
+SAMPLE_TOO_LONG = "sample too long"  # refused: cut through an image, no answer left, or far over the limit
+SAMPLE_TRUNCATED = "sample truncated"  # over the length limit: trained on its first tokens only
 TOKENIZATION_MISMATCH = "tokenization mismatch"
 
 CAUSES = (
@@ -23,18 +27,22 @@ CAUSES = (
     MALFORMED_JSON,
     INVALID_RECORD,
     MISSING_ANNOTATION,
+    EMPTY_DATASET,
+    LENGTH_MISMATCH,
     MISSING_IMAGE,
     UNREADABLE_IMAGE,
     DECOMPRESSION_BOMB,
     IMAGE_COUNT_MISMATCH,
     INVALID_CONVERSATION,
     SAMPLE_TOO_LONG,
+    SAMPLE_TRUNCATED,
     TOKENIZATION_MISMATCH,
 )
 
 
 class SampleError(ValueError):
-    """A bad sample: `str()` is `FILE:LINE: cause: detail` once located (`FILE: ...` for a whole file).
+    """A problem of the data: `str()` is `FILE:LINE: cause: detail` once located (`FILE: ...` for a whole file or
+    dataset). Raised for a sample that cannot be used; `validate-data` also lists those training lives with.
 
     Code that sees only part of a sample (an image, a conversation) raises it unlocated; the code that knows the
     record's file and line re-raises it with `located`. A single message argument also works, so the error keeps

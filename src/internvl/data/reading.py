@@ -4,7 +4,7 @@ The meta JSON maps dataset names to `{root, annotation, data_augment, repeat_tim
 Each annotation line is one record: `{"image": "rel/path" | ["rel/path", ...] (absent: text only),
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`, its image
 paths relative to `root`. Paths in the meta file are used as written (relative ones from the working directory),
-as the official trainer does.
+as the official trainer does. A meta file must name at least one dataset, each name once.
 
 Annotation files are read lazily: one pass records where each line starts, and a record is read with one seek
 when it is needed, so a file of millions of lines costs 16 bytes a line in memory. Blank lines are not records.
@@ -23,7 +23,9 @@ from PIL import Image
 
 from internvl.data.errors import (
     DECOMPRESSION_BOMB,
+    EMPTY_DATASET,
     INVALID_RECORD,
+    LENGTH_MISMATCH,
     MALFORMED_JSON,
     MISSING_IMAGE,
     NOT_UTF8,
@@ -46,18 +48,25 @@ class DatasetSpec:
     data_augment: bool = False
     repeat_time: float = 1
     max_dynamic_patch: int | None = None  # overrides the trainer's max_dynamic_patch for this dataset
-    length: int | None = None  # the line count the meta file claims; informative only
+    length: object = None  # the record count the meta file claims: informative only, checked by validate-data
 
 
 def read_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
-    """The datasets of a meta JSON, in file order; ValueError naming the file and entry when one is malformed."""
+    """The datasets of a meta JSON, in file order; ValueError naming the file and entry when one is malformed.
+
+    A name given twice is refused: plain JSON parsing would keep the last entry and drop the first without a word.
+    """
     with open(meta_path, encoding="utf-8") as f:
         try:
-            meta = json.load(f)
+            meta = json.load(f, object_pairs_hook=_refuse_repeated_keys)
         except json.JSONDecodeError as error:
             raise ValueError(f"{meta_path}: not valid JSON: {error}") from None
+        except ValueError as error:  # a name given twice, or bytes that are not UTF-8
+            raise ValueError(f"{meta_path}: {error}") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path}: expected a JSON object mapping dataset names to entries")
+    if not meta:
+        raise ValueError(f"{meta_path}: names no datasets")
     specs = []
     for name, entry in meta.items():
         where = f"{meta_path}: dataset {name!r}"
@@ -84,6 +93,16 @@ def read_meta(meta_path: str | os.PathLike) -> list[DatasetSpec]:
             )
         )
     return specs
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: the object as a dict; ValueError for a key it holds twice."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} appears twice in one object; JSON would keep only the last")
+        seen.add(key)
+    return dict(pairs)
 
 
 def iter_lines(
@@ -177,6 +196,22 @@ class Annotations:
 
     def __len__(self) -> int:
         return self.distinct * self.repeats
+
+    def problems(self, meta_path: str | os.PathLike) -> list[SampleError]:
+        """What is wrong with the entry as a whole, located at the meta file: it gives no sample (no records, or a
+        repeat_time that keeps none of them), or its `length` is not the record count."""
+        spec, records, meta_path = self.spec, len(self.index), os.fspath(meta_path)
+        where = f"{spec.name!r} ({spec.annotation})"
+        found = []
+        if records == 0:
+            found.append(SampleError(EMPTY_DATASET, f"{where} has no records", meta_path))
+        elif self.distinct == 0:
+            detail = f"{where}: repeat_time {spec.repeat_time} keeps none of its {records} record(s)"
+            found.append(SampleError(EMPTY_DATASET, detail, meta_path))
+        if spec.length is not None and (type(spec.length) is not int or spec.length != records):
+            detail = f"{where} has {records} record(s), but its length says {spec.length!r}"
+            found.append(SampleError(LENGTH_MISMATCH, detail, meta_path))
+        return found
 
     def record(self, i: int) -> Record:
         """The i-th record (0 <= i < len); SampleError at its file and line when it is malformed."""

@@ -2,8 +2,10 @@
 
 An image is resized to the grid of square tiles (columns x rows) whose aspect ratio is closest to its own, then
 cut into tiles, left to right and top to bottom; with `use_thumbnail`, the whole image shrunk to one tile follows.
-Each tile is then normalised with the ImageNet mean and std. The results equal the official functions'
-(`dynamic_preprocess`, `build_transform` and the model cards' `load_image`) pixel for pixel.
+Each tile is then normalised with a mean and std: ImageNet's by default, CLIP's or SigLIP's by the official
+`--normalize_type`. Without tiling, `--pad2square` first pads an image to a square of the mean colour. The results
+equal the official functions' (`dynamic_preprocess`, `build_transform`, `expand2square` and the model cards'
+`load_image`) pixel for pixel.
 """
 
 from __future__ import annotations
@@ -18,6 +20,12 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The official `normalize_type` choices: (mean, std) per channel.
+NORMALIZATIONS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "clip": ((0.4814546, 0.4578275, 0.40821073), (0.2686295, 0.2613025, 0.2757711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
 
 
 def candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -84,11 +92,22 @@ def _pixels(image: Image.Image, input_size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # [H, W, 3] -> [3, H, W]
 
 
-def _normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 scaled to [0, 1], minus the ImageNet mean, over the ImageNet std."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+def _normalize(pixels: torch.Tensor, normalize_type: str = "imagenet") -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 scaled to [0, 1], minus the mean, over the std of `normalize_type`."""
+    mean, std = (torch.tensor(values, dtype=torch.float32).view(3, 1, 1) for values in NORMALIZATIONS[normalize_type])
     return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+
+def expand_to_square(image: Image.Image, normalize_type: str = "imagenet") -> Image.Image:
+    """The image centred on a square of the normalisation's mean colour (the official `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    background = tuple(int(value * 255) for value in NORMALIZATIONS[normalize_type][0])
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def normalize_tile(image: Image.Image, input_size: int) -> torch.Tensor:
@@ -106,12 +125,12 @@ def build_transform(input_size: int) -> Callable[[Image.Image], torch.Tensor]:
     return functools.partial(normalize_tile, input_size=input_size)
 
 
-def tiles_to_tensor(tiles: list[Image.Image], input_size: int) -> torch.Tensor:
+def tiles_to_tensor(tiles: list[Image.Image], input_size: int, normalize_type: str = "imagenet") -> torch.Tensor:
     """Normalise and stack tiles: FloatTensor [n_tiles, 3, input_size, input_size].
 
     Equal to stacking `build_transform(input_size)` of each tile; normalising them all at once is faster.
     """
-    return _normalize(torch.stack([_pixels(tile, input_size) for tile in tiles]))
+    return _normalize(torch.stack([_pixels(tile, input_size) for tile in tiles]), normalize_type)
 
 
 def load_image(path: str | os.PathLike, input_size: int = 448, max_num: int = 12) -> torch.Tensor:

@@ -8,15 +8,18 @@ each is reproduced step by step rather than unified:
     internlm2-chat  preprocess_internlm     tokenizes the whole prompt, then counts tokens of prompt pieces
     Hermes-2        preprocess_mpt          idem, with other counting rules (no BOS)
     phi3-chat       preprocess_phi3         idem, with Phi-3's counting rules
+    internvl3_5_gpt_oss  preprocess_internvl3_5_gpt_oss  turn by turn, in GPT-OSS's harmony format
 
 In all of them only the assistant answers and their end-of-turn token are learned; everything else is IGNORE_INDEX.
 Where the counted length disagrees with the real one, the official code silently masks the whole sample; we raise
-TokenizationMismatch instead, so a wrong tokenizer cannot train on nothing unnoticed.
+TokenizationMismatch instead, so a wrong tokenizer cannot train on nothing unnoticed. A sample over the length
+limit is cut as officially, but the cut is returned (`Truncation`) for the caller to report.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -39,6 +42,19 @@ class SampleTooLong(ValueError):
     """Truncating the sample to the length limit would cut an image block."""
 
 
+@dataclass(frozen=True)
+class Truncation:
+    """What cutting a sample to the length limit dropped; the official code cuts without a word."""
+
+    tokens: int  # the sample's length before the cut
+    limit: int
+    answer_tokens: int  # learned tokens (labels not IGNORE_INDEX) among those dropped
+
+    def __str__(self) -> str:
+        lost = f"{self.answer_tokens} answer tokens lost" if self.answer_tokens else "no answer token lost"
+        return f"{self.tokens} tokens, {self.tokens - self.limit} over the limit of {self.limit} ({lost})"
+
+
 def preprocess(
     template_name: str,
     conversations: Sequence[dict[str, str]],
@@ -47,13 +63,14 @@ def preprocess(
     *,
     text_only: bool = False,
     max_seq_length: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | Truncation]:
     """Tokenize one conversation: {"input_ids", "labels", "attention_mask"}, each a LongTensor [T].
 
     `conversations` is the list of {"from", "value"} turns of one sample: an optional leading "system" turn (it
     replaces the template's system message), then "human" and "gpt" turns alternating, ending with "gpt".
     Unless `text_only`, the i-th `<image>` becomes `<img>` + `<IMG_CONTEXT>` * num_image_token_list[i] + `</img>`.
-    The sample is truncated to `max_seq_length` (default: tokenizer.model_max_length), never through an image.
+    The sample is truncated to `max_seq_length` (default: tokenizer.model_max_length), never through an image;
+    a truncated sample also holds "truncation", a `Truncation` saying what was cut (the collator ignores it).
     """
     conv = get_conv_template(template_name)
     system, turns = _split_roles(conversations)
@@ -66,14 +83,40 @@ def preprocess(
     input_ids, labels = _LABELLERS[template_name](conv, turns, tokenizer, image_blocks)
 
     limit = max_seq_length or tokenizer.model_max_length
+    truncation = None
     if len(input_ids) > limit:
         if image_blocks and _has_image_tokens(input_ids[limit:], tokenizer):
             raise SampleTooLong(
                 f"sample has {len(input_ids)} tokens, more than the limit of {limit}, and truncating it would cut "
                 "through an image block; raise max_seq_length or use fewer image tiles"
             )
+        truncation = Truncation(len(input_ids), limit, int(labels[limit:].ne(IGNORE_INDEX).sum()))
         input_ids, labels = input_ids[:limit], labels[:limit]
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    sample = {"input_ids": input_ids, "labels": labels, "attention_mask": torch.ones_like(input_ids)}
+    if truncation is not None:
+        sample["truncation"] = truncation
+    return sample
+
+
+def longest_token_bytes(tokenizer: PreTrainedTokenizerBase) -> int:
+    """At least the bytes of text any one token stands for: the UTF-8 length of the longest vocabulary entry.
+
+    An entry never takes fewer bytes than the text it stands for: byte-level BPE writes each byte as one character
+    of one or two bytes, sentencepiece a space as the three-byte "▁" and a fallback byte as "<0x..>". So a text
+    of `text_bytes` B is at least B / longest_token_bytes tokens.
+    """
+    return max(len(token.encode()) for token in tokenizer.get_vocab())
+
+
+def text_bytes(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """The UTF-8 length of text as the tokenizer splits it: after its normalizer (Qwen2's NFC may shorten it).
+
+    A tokenizer without `backend_tokenizer` (our InternLM2 sentencepiece) is taken as not normalizing, which
+    InternLM2's tokenizer.model does not (identity rule, whitespace kept).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = None if backend is None else backend.normalizer
+    return len((text if normalizer is None else normalizer.normalize_str(text)).encode())
 
 
 def _split_roles(conversations: Sequence[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
@@ -127,7 +170,8 @@ def _has_image_tokens(ids: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True) -> list[int]:
-    return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    # Not verbose: transformers would warn of "indexing errors" for a text over model_max_length, which we truncate.
+    return tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
 
 def _count(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
@@ -157,17 +201,21 @@ def _adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return tokenizer.bos_token_id is not None and len(ids) > 0 and ids[0] == tokenizer.bos_token_id
 
 
-def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
-    """preprocess_internvl2_5: each turn tokenized alone, the answer's role prefix and trailing newline not learned."""
+def _label_turn_by_turn(conv, turns, tokenizer, image_blocks, unlearned_tail: int = 0):
+    """Each turn tokenized alone and concatenated; an answer learns all but its role prefix and the last
+    `unlearned_tail` tokens (its answer header included). The last answer ends with `conv.sep2` where the template
+    has one."""
     pieces = [conv.system_template.format(system_message=conv.system_message) + conv.sep]
     learned = [False]
     unused = image_blocks
-    for turn in turns:
+    for i, turn in enumerate(turns):
         is_answer = turn["from"] == "gpt"
         value = turn["value"]
         if not is_answer:  # images go into the user turns only
             value, unused = _insert_images(value, unused)
-        pieces.append(conv.roles[1 if is_answer else 0] + value + conv.sep)
+        end = conv.sep2 if conv.sep2 is not None and i == len(turns) - 1 else conv.sep
+        header = conv.answer_header if is_answer else ""
+        pieces.append(conv.roles[1 if is_answer else 0] + header + value + end)
         learned.append(is_answer)
     _check_all_inserted(unused, len(image_blocks))
 
@@ -175,7 +223,7 @@ def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
     # official tokenizers. Pieces are encoded without special tokens, so a BOS-adding tokenizer gets one BOS, first.
     if _adds_bos(tokenizer):
         pieces[0] = tokenizer.bos_token + pieces[0]
-    role_len = len(_encode(tokenizer, conv.roles[1], add_special_tokens=False))  # "<|im_start|>assistant\n"
+    role_len = len(_encode(tokenizer, conv.roles[1], add_special_tokens=False))  # e.g. "<|im_start|>assistant\n"
 
     input_ids, labels = [], []
     for piece, is_answer in zip(pieces, learned):
@@ -183,10 +231,24 @@ def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
         target = ids.clone() if is_answer else torch.full_like(ids, IGNORE_INDEX)
         if is_answer:
             target[:role_len] = IGNORE_INDEX
-            target[-1:] = IGNORE_INDEX  # the "\n" after <|im_end|>
+            if unlearned_tail:
+                target[-unlearned_tail:] = IGNORE_INDEX
         input_ids.append(ids)
         labels.append(target)
     return torch.cat(input_ids), torch.cat(labels)
+
+
+def _label_internvl2_5(conv, turns, tokenizer, image_blocks):
+    """preprocess_internvl2_5: turn by turn; the answer's role prefix and the newline after <|im_end|> not learned."""
+    return _label_turn_by_turn(conv, turns, tokenizer, image_blocks, unlearned_tail=1)
+
+
+def _label_internvl3_5_gpt_oss(conv, turns, tokenizer, image_blocks):
+    """preprocess_internvl3_5_gpt_oss: turn by turn; only "<|start|>assistant" of an answer is not learned, so its
+    channel header, text and end token are. Earlier answers end with <|end|>, the last with <|return|> (the
+    official code picks the end token from a stale loop variable, so single-image samples end in <|end|> and
+    text-only ones fail; this is the rule its template states)."""
+    return _label_turn_by_turn(conv, turns, tokenizer, image_blocks)
 
 
 def _prompt_ids(conv, turns, tokenizer, image_blocks, strip=False):
@@ -282,4 +344,5 @@ _LABELLERS = {
     "internlm2-chat": _label_internlm,
     "Hermes-2": _label_mpt,
     "phi3-chat": _label_phi3,
+    "internvl3_5_gpt_oss": _label_internvl3_5_gpt_oss,
 }

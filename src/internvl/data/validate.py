@@ -3,11 +3,17 @@
 `validate_dataset` runs each record through the same checks as the training dataset (`SampleBuilder.check`:
 parse, placeholders, full image decode with the decompression-bomb guard, tile count, template tokenization,
 length), in parallel processes, and reports each problem as `FILE:LINE: cause: detail`. Unlike training, it
-reads every line of the annotation files, including those a repeat_time < 1 leaves out.
+reads every line of the annotation files, including those a repeat_time < 1 leaves out. A meta entry's own
+problems (no records, a repeat_time keeping none, a wrong `length`) are lines at the meta file, `META: cause: ...`.
+
+A sample over the length limit counts as a problem too, `sample truncated`: training cuts it and goes on, as the
+official trainer does, and so learns its answers only up to the cut; the line says how many tokens and how many
+answer tokens are lost, so that no answer is cut unnoticed. Raise --max_seq_length or shorten the sample.
 
 The `validate-data` subcommand reads the settings from a checkpoint's config.json (as plain JSON: data never
 imports the model), prints one line per problem (compiler style), then counts per cause and per dataset, and
-exits with status 1 when anything is wrong.
+exits with status 1 when anything is wrong. A meta file it cannot go through (malformed, naming no dataset, or a
+name twice) or a --max_seq_length below 1 is one error line instead, status 2.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from internvl import checkpoint
 from internvl.data.errors import MISSING_ANNOTATION, SampleError
-from internvl.data.reading import DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
+from internvl.data.reading import Annotations, DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
 
 if TYPE_CHECKING:  # the dataset loads transformers, seconds: only a validation run needs it, not the CLI
     from internvl.data.dataset import SampleBuilder
@@ -101,12 +107,14 @@ def validate_dataset(
     tasks = []
     for spec in specs:
         try:
-            index = LineIndex(spec.annotation)
+            annotations = Annotations(spec)
         except OSError as error:
             found(spec.name, SampleError(MISSING_ANNOTATION, error.strerror or str(error), spec.annotation))
             continue
-        report.lines[spec.name] = len(index)
-        tasks += _split(spec, index)
+        for problem in annotations.problems(meta_path):
+            found(spec.name, problem)
+        report.lines[spec.name] = len(annotations.index)
+        tasks += _split(spec, annotations.index)
     for task, problems in zip(tasks, _run(tasks, builder, workers)):
         for problem in problems:
             found(task.spec.name, problem)
@@ -146,9 +154,11 @@ def _check_task(task: _Task) -> list[SampleError]:
     for line, _, raw in iter_lines(task.spec.annotation, task.start, task.stop, task.first_line):
         try:
             record = parse_record(raw, task.spec.annotation, line, task.spec.root)
-            _builder.check(record, task.spec.max_dynamic_patch)
+            problem = _builder.check(record, task.spec.max_dynamic_patch)  # None, or one that training lives with
         except SampleError as error:
-            problems.append(error)
+            problem = error
+        if problem is not None:
+            problems.append(problem)
     return problems
 
 
@@ -176,6 +186,8 @@ def settings_from_config(config: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The `validate-data` command: print each problem, then the counts; exit status 1 if any problem, else 0."""
+    if args.max_seq_length < 1:
+        raise ValueError(f"--max_seq_length {args.max_seq_length}: must be a positive number of tokens")
     config = checkpoint.read_config(args.model_name_or_path)
     from internvl.data.dataset import SampleBuilder
     from internvl.data.tokenizer import load_tokenizer

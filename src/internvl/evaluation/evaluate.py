@@ -1,7 +1,7 @@
 """One model on held-out data in the training format: the loss on the answers, and its own answers scored.
 
 Samples are made by the training data's `SampleBuilder` (template, tiling, tokenization and label masking as in
-training), with the settings the model's config holds, so:
+training), with the settings the model serves with (`ServingSettings`: an adapter's are put on with it), so:
 - the loss is the training loss: next-token cross-entropy on the tokens the labels keep (every answer of a
   multi-turn record, with its end-of-turn token), summed over a dataset and divided by its token count;
   perplexity is its exp. (The Trainer's `eval_loss` is a mean of batch means instead: close, not equal.)
@@ -28,10 +28,10 @@ from internvl.data.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT
 from internvl.data.dataset import SampleBuilder
 from internvl.data.reading import Annotations, read_meta
 from internvl.data.templates import get_conv_template
-from internvl.data.validate import settings_from_config
 from internvl.evaluation.metrics import Scores, score_answer, score_corpus
 from internvl.evaluation.settings import EvalSettings
 from internvl.model.internvl_chat import InternVLChatModel, decode_answers
+from internvl.train.outputs import ServingSettings
 
 OVERALL = "overall"  # the key of the scores over every dataset together
 
@@ -82,8 +82,13 @@ def select_samples(settings: EvalSettings) -> list[tuple[Annotations, int]]:
 
 
 def sample_builder(model: InternVLChatModel, tokenizer, max_seq_length: int) -> SampleBuilder:
-    """The training data's sample builder with the settings the model's config holds."""
-    return SampleBuilder(tokenizer, max_seq_length=max_seq_length, **settings_from_config(model.config.to_dict()))
+    """The training data's sample builder with the settings the model serves with (an adapter's, once on it)."""
+    serving = ServingSettings.from_model(model)
+    return SampleBuilder(
+        tokenizer, serving.template, model.num_image_token, serving.force_image_size, serving.dynamic_image_size,
+        serving.use_thumbnail, serving.min_dynamic_patch, serving.max_dynamic_patch, max_seq_length,
+        serving.normalize_type,
+    )
 
 
 def last_answer_start(labels: torch.Tensor, answers: int, source: str) -> int:
@@ -125,16 +130,16 @@ def _left_pad(prompts: list[torch.Tensor], pad_token_id: int) -> tuple[torch.Ten
 def _generate(model: InternVLChatModel, tokenizer, prompts: list[torch.Tensor], batch: dict[str, torch.Tensor],
               max_new_tokens: int) -> list[str]:
     """Greedy answers to the prompts, whose images are the batch's tiles."""
-    stop_token = get_conv_template(model.template).stop_token
+    template = get_conv_template(model.template)
     input_ids, attention_mask = _left_pad(prompts, tokenizer.pad_token_id)
     device = batch["input_ids"].device
     features = model.extract_feature(batch["pixel_values"])[batch["image_flags"] == 1]  # a text-only row has none
     output_ids = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), visual_features=features,
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.convert_tokens_to_ids(stop_token),
-        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=tokenizer.convert_tokens_to_ids(template.stop_token), pad_token_id=tokenizer.pad_token_id,
     )
-    return decode_answers(tokenizer, output_ids, stop_token)
+    return decode_answers(tokenizer, output_ids, template)
 
 
 def _question(conversations: list[dict[str, str]]) -> str:

@@ -1,4 +1,9 @@
-"""`InternVLChatConfig`: the official `config.json` of an InternVL chat checkpoint, read and written as is."""
+"""`InternVLChatConfig`: the official `config.json` of an InternVL chat checkpoint, read and written as is.
+
+One field is ours: `merged_lora`, the record of every LoRA merged into the weights (`InternVLChatModel.merge_lora`),
+so that an adapter is not put onto a model that already holds it. Official readers keep unknown keys as attributes
+and ignore them; a config with nothing merged does not write the key, so base configs stay as they were.
+"""
 
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ class InternVLChatConfig(PretrainedConfig):
         min_dynamic_patch: int = 1,
         max_dynamic_patch: int = 6,
         pad2square: bool = False,
+        merged_lora: list[dict] | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -95,6 +101,7 @@ class InternVLChatConfig(PretrainedConfig):
         self.min_dynamic_patch = min_dynamic_patch
         self.max_dynamic_patch = max_dynamic_patch
         self.pad2square = pad2square
+        self.merged_lora = list(merged_lora or [])  # [{"from": adapter folder or LoRA checkpoint, "lora": {part: r}}]
         if not self.architectures:
             self.architectures = ["InternVLChatModel"]
 
@@ -115,6 +122,8 @@ class InternVLChatConfig(PretrainedConfig):
         output["llm_config"] = _legacy_rope_keys(self.llm_config.to_dict())
         if "dtype" in output:  # official readers (transformers 4.x) look for torch_dtype
             output["torch_dtype"] = output["dtype"]
+        if not output.get("merged_lora"):  # nothing merged: the official layout, and the base's hash, unchanged
+            output.pop("merged_lora", None)
         return output
 
     def to_diff_dict(self) -> dict:

@@ -37,10 +37,17 @@ _IGNORED_LOAD_OPTIONS = {"trust_remote_code", "low_cpu_mem_usage", "use_flash_at
 OFFICIAL_DROPOUT = 0.05  # the official trainer's LoRA dropout
 
 
-def decode_answers(tokenizer, output_ids: torch.Tensor, stop_token: str) -> list[str]:
-    """Generated ids [B, T] -> one answer per row: special tokens dropped, cut at the end-of-turn token (a tokenizer
-    may not count it as special), stripped."""
-    return [text.split(stop_token)[0].strip() for text in tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+def decode_answers(tokenizer, output_ids: torch.Tensor, template) -> list[str]:
+    """Generated ids [B, T] -> one answer per row, as `chat` answers: the template's answer header (GPT-OSS's
+    channel) dropped, special tokens dropped, cut at the end-of-turn token (a tokenizer may not count it as
+    special), stripped."""
+    header = tokenizer(template.answer_header, add_special_tokens=False)["input_ids"]
+    answers = []
+    for ids in output_ids:
+        if header and ids[: len(header)].tolist() == header:
+            ids = ids[len(header):]
+        answers.append(tokenizer.decode(ids, skip_special_tokens=True).split(template.stop_token)[0].strip())
+    return answers
 
 
 class InternVLChatModel(PreTrainedModel):
@@ -134,12 +141,20 @@ class InternVLChatModel(PreTrainedModel):
             print(f"ViT LoRA r={r}: {counts}")
         return counts
 
-    def merge_lora(self) -> None:
-        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0."""
+    def merge_lora(self, source: str | os.PathLike | None = None) -> dict:
+        """Fold every LoRA adapter into its base weights, unwrap the parts and set `use_*_lora` to 0.
+
+        The merge is recorded in `config.merged_lora` (`source`: the adapter folder or LoRA checkpoint merged), so
+        that the adapter is not put onto the merged model again: its LoRA would count twice. Returns the record.
+        """
+        ranks = {"vision_model": self.config.use_backbone_lora, "language_model": self.config.use_llm_lora}
         self.vision_model = merge_lora(self.vision_model)
         self.language_model = merge_lora(self.language_model)
         self.config.use_backbone_lora = 0
         self.config.use_llm_lora = 0
+        record = {"from": None if source is None else str(source), "lora": {p: r for p, r in ranks.items() if r}}
+        self.config.merged_lora = [*self.config.merged_lora, record]
+        return record
 
     # ----- forward ----------------------------------------------------------------------------------------
 
@@ -274,7 +289,7 @@ class InternVLChatModel(PreTrainedModel):
 
         template = get_conv_template(self.template)
         template.system_message = self.system_message
-        stop_token = template.sep.strip()
+        stop_token = template.stop_token
         history = [] if history is None else list(history)
         for old_question, old_answer in history:
             template.append_message(template.roles[0], old_question)
@@ -301,7 +316,7 @@ class InternVLChatModel(PreTrainedModel):
             attention_mask=model_inputs["attention_mask"].to(device),
             **generation_config,
         )
-        response = decode_answers(tokenizer, output_ids, stop_token)[0]
+        response = decode_answers(tokenizer, output_ids, template)[0]
         history.append((question, response))
         if verbose:
             print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<image>"), response)
@@ -390,13 +405,19 @@ class InternVLChatModel(PreTrainedModel):
         self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
         max_shard_size: int | str = checkpoint.DEFAULT_SHARD_BYTES, **kwargs,
     ) -> None:
-        """Write the official folder format (config.json + safetensors) atomically into `save_directory`."""
+        """Write the official folder format (config.json + safetensors) atomically into `save_directory`.
+
+        The folder must be new, empty, or an InternVL checkpoint: saved again, it is replaced, keeping its tokenizer
+        and code files. Any other folder with files in it is refused rather than lost.
+        """
         if isinstance(max_shard_size, str):
             max_shard_size = convert_file_size_to_int(max_shard_size)
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.architectures = ["InternVLChatModel"]
-        with checkpoint.atomic_directory(save_directory) as staging:
+        resaved = checkpoint.existing_config(save_directory) is not None
+        with checkpoint.atomic_directory(save_directory, replace=resaved) as staging:
             self.config.save_pretrained(staging)
             state = state_dict if state_dict is not None else self.official_state_dict()
             checkpoint.save_state_dict(state, staging, max_shard_size)
-
+            if resaved:
+                checkpoint.copy_companion_files(save_directory, staging)

@@ -1,8 +1,12 @@
-"""The fine-tune command's arguments: the official trainer's names, plus every HF `TrainingArguments` option.
+"""The fine-tune command's arguments: the official trainers' names, plus every HF `TrainingArguments` option.
 
-An official `*_lora.sh` script works by swapping its entry point for `internvl-lora finetune`. The same keys can
-come from a YAML or JSON file (`--config FILE`); flags on the command line override the file. Unless either says
-otherwise, the run writes to `runs/finetune` and logs to TensorBoard (`OUTPUT_DIR/runs/`; `--report_to none`: off).
+An official `*_lora.sh` (or InternVL3.5 `*_sft.sh`) script works by swapping its entry point for `internvl-lora
+finetune`: every argument of both official trainers is accepted with its official name and default, and the
+transformers-4 names those scripts pass (`--evaluation_strategy`, `--overwrite_output_dir`, `--group_by_length`)
+keep their official meaning on transformers 5. The image and template settings default to the checkpoint's own
+(`config.json`) where the command line is silent. The same keys can come from a YAML or JSON file (`--config FILE`);
+flags on the command line override the file. Unless either says otherwise, the run writes to `runs/finetune` and
+logs to TensorBoard (`OUTPUT_DIR/runs/`; `--report_to none`: off).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
 
 from internvl.data.templates import TEMPLATE_NAMES
 from internvl.train.deepspeed_config import resolve_deepspeed_argument
@@ -29,13 +34,25 @@ class ModelArguments:
     """Which model to start from, what to freeze and where LoRA goes (official names and defaults)."""
 
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "InternVL checkpoint folder (official format). None: the embedded demo."}
+        default=None, metadata={"help": "InternVL checkpoint folder (official format). None: the embedded demo, "
+                                        "or a model assembled from --vision_path and --llm_path."}
+    )
+    vision_path: str | None = field(
+        default=None, metadata={"help": "With --llm_path instead of --model_name_or_path: an InternViT folder."}
+    )
+    llm_path: str | None = field(
+        default=None, metadata={"help": "With --vision_path: the LLM folder (its tokenizer too); mlp1 starts fresh."}
+    )
+    mlp_path: str | None = field(
+        default=None, metadata={"help": "A saved mlp1 state dict (the official projector file) loaded into mlp1."}
     )
     freeze_llm: bool = field(default=False, metadata={"help": "Freeze the LLM."})
     freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the ViT."})
     freeze_mlp: bool = field(default=False, metadata={"help": "Freeze the mlp1 projector."})
     unfreeze_vit_layers: int = field(default=0, metadata={"help": "Train the ViT layers from this index on."})
-    vision_select_layer: int = field(default=-1, metadata={"help": "ViT layer whose features feed the LLM."})
+    vision_select_layer: int | None = field(
+        default=None, metadata={"help": "ViT layer whose features feed the LLM (default: the checkpoint's)."}
+    )
     use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank on the ViT (0: none)."})
     use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank on the LLM (0: none)."})
     lora_dropout: float | None = field(
@@ -46,7 +63,27 @@ class ModelArguments:
     unfreeze_lm_head: bool = field(default=False, metadata={"help": "Train the LLM's output head."})
     grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in ViT and LLM."})
     drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth rate of the ViT."})
-    ps_version: Literal["v1", "v2"] = field(default="v2", metadata={"help": "Pixel shuffle version."})
+    ps_version: Literal["v1", "v2"] | None = field(
+        default=None, metadata={"help": "Pixel shuffle version (default: the checkpoint's)."}
+    )
+    use_fast_tokenizer: bool = field(
+        default=False, metadata={"help": "Official name; transformers 5 has one tokenizer class per family: "
+                                         "both values load it (InternLM2's is ours, as the official slow one)."}
+    )
+    use_liger: bool = field(
+        default=False, metadata={"help": "Official name: Liger kernels. The fused fast path (--fast_lora, on by "
+                                         "default on CUDA) fuses the same operations and more."}
+    )
+    use_custom_flash_attn: bool = field(
+        default=False, metadata={"help": "Official (InternVL3.5) name: GPT-OSS's flash sink attention; attention "
+                                         "here runs on torch's kernels (GPT-OSS: eager, for its sinks)."}
+    )
+    overwrite_output_dir: bool | None = field(
+        default=None,
+        metadata={"help": "Official (transformers 4) name. True: start afresh in --output_dir, never resume. False: "
+                          "resume from its last checkpoint, and refuse a non-empty folder without one. Unset: resume "
+                          "when there is a checkpoint."},
+    )
     save_full_model: bool = field(
         default=False,
         metadata={"help": "At the end, also write the merged model, official format (GBs), to OUTPUT_DIR/full_model."},
@@ -74,22 +111,73 @@ class ModelArguments:
                 raise ValueError(f"--{name} {rank}: must be a LoRA rank (a positive integer), or 0 for no LoRA")
 
 
+# Data arguments that count something, and what they count: below 1 they mean nothing.
+POSITIVE_DATA_ARGUMENTS = {"max_seq_length": "tokens", "force_image_size": "pixels", "min_dynamic_patch": "tiles"}
+
+
 @dataclass
 class DataArguments:
     """Where the data is and how images and text become tokens (official names and defaults)."""
 
     meta_path: str | None = field(default=None, metadata={"help": "Meta JSON naming the JSONL datasets."})
-    conv_style: str = field(default="internlm2-chat", metadata={"help": "Conversation template."})
+    conv_style: str | None = field(
+        default=None, metadata={"help": "Conversation template (default: the checkpoint's)."}
+    )
     max_seq_length: int = field(default=8192, metadata={"help": "Longest sample, in tokens, images included."})
-    force_image_size: int = field(default=448, metadata={"help": "Tile side in pixels."})
-    down_sample_ratio: float = field(default=0.5, metadata={"help": "Pixel-shuffle ratio of the ViT features."})
-    pad2square: bool = field(default=False, metadata={"help": "Pad images to squares (not supported)."})
-    dynamic_image_size: bool = field(default=False, metadata={"help": "Dynamic tiling of images."})
-    use_thumbnail: bool = field(default=False, metadata={"help": "Add a thumbnail tile to tiled images."})
-    min_dynamic_patch: int = field(default=1, metadata={"help": "Fewest tiles per image."})
-    max_dynamic_patch: int = field(default=12, metadata={"help": "Most tiles per sample."})
+    force_image_size: int | None = field(
+        default=None, metadata={"help": "Tile side in pixels (default: the checkpoint's)."}
+    )
+    down_sample_ratio: float | None = field(
+        default=None, metadata={"help": "Pixel-shuffle ratio of the ViT features (default: the checkpoint's)."}
+    )
+    pad2square: bool = field(
+        default=False, metadata={"help": "Without dynamic tiling, pad each image to a square of the mean colour "
+                                         "before resizing it (not data_augment datasets), as officially."}
+    )
+    dynamic_image_size: bool | None = field(
+        default=None, metadata={"help": "Dynamic tiling of images (default: the checkpoint's)."}
+    )
+    use_thumbnail: bool | None = field(
+        default=None, metadata={"help": "Add a thumbnail tile to tiled images (default: the checkpoint's)."}
+    )
+    min_dynamic_patch: int | None = field(
+        default=None, metadata={"help": "Fewest tiles per image (default: the checkpoint's)."}
+    )
+    max_dynamic_patch: int | None = field(
+        default=None, metadata={"help": "Most tiles per sample (default: the checkpoint's)."}
+    )
+    normalize_type: Literal["imagenet", "clip", "siglip"] = field(
+        default="imagenet", metadata={"help": "Mean and std the tiles are normalised with."}
+    )
     skip_bad_samples: bool = field(
         default=False, metadata={"help": "Skip unreadable samples (counted and reported) instead of stopping."}
+    )
+    use_data_resampling: bool = field(
+        default=False, metadata={"help": "Official name: sqrt-of-size dataset weights, which the official trainer "
+                                         "applies to packed datasets only."}
+    )
+    split_annotations: bool = field(
+        default=False, metadata={"help": "Official (InternVL3.5) name: each rank holds only its share of the "
+                                         "annotation lines. Here they are read lazily (16 bytes a line) anyway."}
+    )
+    min_num_frame: int = field(default=8, metadata={"help": "Fewest frames sampled from a video."})
+    max_num_frame: int = field(default=32, metadata={"help": "Most frames sampled from a video."})
+    use_packed_ds: bool = field(
+        default=False, metadata={"help": "Pack samples into rows of --max_packed_tokens (not built yet)."}
+    )
+    num_images_expected: int = field(default=40, metadata={"help": "Packing: most images per packed row."})
+    max_packed_tokens: int = field(default=8192, metadata={"help": "Packing: tokens per packed row."})
+    max_buffer_size: int = field(default=20, metadata={"help": "Packing: partial rows held at once."})
+    log_freq: int = field(default=1000, metadata={"help": "Packing: log the buffer every this many samples."})
+    strict_mode: bool = field(default=True, metadata={"help": "Packing: pad rows to the expected images/tokens."})
+    replacement: bool = field(default=False, metadata={"help": "Packing: restart a dataset once exhausted."})
+    allow_overflow: bool = field(default=False, metadata={"help": "Packing: merge past the token budget, then split."})
+    loss_reduction: Literal["token", "sample", "square"] = field(
+        default="token", metadata={"help": "Packing: each token's loss weight, 1, 1/n or 1/sqrt(n) for a sample of "
+                                           "n answer tokens (unpacked batches: the token mean, as officially)."}
+    )
+    loss_reduction_all_gather: bool = field(
+        default=False, metadata={"help": "Packing: average the weights' sum over the ranks."}
     )
     eval_meta_path: str | None = field(
         default=None,
@@ -98,13 +186,86 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if self.conv_style not in TEMPLATE_NAMES:
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values that mean nothing (settings still None come from the checkpoint, and are checked then)."""
+        if self.conv_style is not None and self.conv_style not in TEMPLATE_NAMES:
             raise ValueError(
                 f"--conv_style {self.conv_style!r}: unknown conversation template; known: {', '.join(TEMPLATE_NAMES)}"
             )
+        for name, unit in POSITIVE_DATA_ARGUMENTS.items():
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} {value}: must be a positive number of {unit}")
+        if None not in (self.min_dynamic_patch, self.max_dynamic_patch) and self.max_dynamic_patch < self.min_dynamic_patch:
+            raise ValueError(f"--max_dynamic_patch {self.max_dynamic_patch}: must be at least --min_dynamic_patch "
+                             f"({self.min_dynamic_patch})")
+        if self.down_sample_ratio is not None and not 0 < self.down_sample_ratio <= 1:
+            raise ValueError(f"--down_sample_ratio {self.down_sample_ratio}: must be in (0, 1], the factor by which "
+                             "pixel shuffle shrinks each side of the ViT's feature map (officially 0.5)")
+        if self.use_packed_ds:
+            raise ValueError("--use_packed_ds True: sample packing is not built yet (it is the packing issue's "
+                             "feature); drop the option to train on padded batches")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
+
+# Settings whose default is the checkpoint's own: argument -> the config field (and `ServingSettings` field).
+CHECKPOINT_SETTINGS = {
+    "conv_style": "template",
+    "force_image_size": "force_image_size",
+    "down_sample_ratio": "downsample_ratio",
+    "dynamic_image_size": "dynamic_image_size",
+    "use_thumbnail": "use_thumbnail",
+    "min_dynamic_patch": "min_dynamic_patch",
+    "max_dynamic_patch": "max_dynamic_patch",
+    "ps_version": "ps_version",
+    "vision_select_layer": "select_layer",
+}
+
+
+# The official trainer's defaults of those settings: what a model assembled from parts (--vision_path, --llm_path)
+# starts with, having no checkpoint of its own.
+OFFICIAL_DEFAULTS = {"conv_style": "internlm2-chat", "force_image_size": 448, "down_sample_ratio": 0.5,
+                     "dynamic_image_size": False, "use_thumbnail": False, "min_dynamic_patch": 1,
+                     "max_dynamic_patch": 12, "ps_version": "v2", "vision_select_layer": -1}
+
+
+def official_option_notes(model_args: ModelArguments, data_args: DataArguments) -> list[str]:
+    """A line for each official option set to a value that changes nothing here, saying why: accepted, so that an
+    official script runs unchanged, but never silently."""
+    notes = []
+    if model_args.use_liger:
+        notes.append("--use_liger True: nothing to add: on CUDA the fused fast path (--fast_lora, on by default) "
+                     "fuses what Liger's kernels would")
+    if model_args.use_custom_flash_attn:
+        notes.append("--use_custom_flash_attn True: attention runs on torch's kernels (sdpa; eager for GPT-OSS's "
+                     "attention sinks)")
+    if data_args.split_annotations:
+        notes.append("--split_annotations True: annotation lines are read lazily (16 bytes a line in memory), and "
+                     "each rank draws its share through the distributed sampler")
+    if data_args.use_data_resampling:
+        notes.append("--use_data_resampling True: officially it weighs packed datasets only; unpacked ones are "
+                     "drawn uniformly, as officially")
+    if data_args.loss_reduction != "token" or data_args.loss_reduction_all_gather:
+        notes.append(f"--loss_reduction {data_args.loss_reduction} (--loss_reduction_all_gather "
+                     f"{data_args.loss_reduction_all_gather}): officially they weigh packed samples only; unpacked "
+                     "batches train on the token mean, as officially")
+    return notes
+
+
+def fill_unset(model_args: ModelArguments, data_args: DataArguments, values: dict) -> dict:
+    """Set each argument of `values` (by name) that the command line left unset (None); returns what was set. An
+    explicit flag wins, as officially."""
+    taken = {}
+    for argument, value in values.items():
+        args = model_args if hasattr(model_args, argument) else data_args
+        if getattr(args, argument) is None:
+            setattr(args, argument, value)
+            taken[argument] = value
+    data_args.check()
+    return taken
 
 
 def _read_config_file(path: str) -> dict:
@@ -128,13 +289,47 @@ def _read_config_file(path: str) -> dict:
     return values
 
 
+def _transformers4_renames() -> dict[str, str]:
+    """The transformers-4 option names official scripts pass that this transformers calls otherwise."""
+    fields = TrainingArguments.__dataclass_fields__
+    renames = {"evaluation_strategy": "eval_strategy"}
+    if "warmup_ratio" not in fields:  # transformers 5.2x: --warmup_steps below 1 is a ratio
+        renames["warmup_ratio"] = "warmup_steps"
+    return {old: new for old, new in renames.items() if old not in fields}
+
+
+def transformers4_names(argv: list[str]) -> list[str]:
+    """`argv` with the transformers-4 options the official scripts pass spelled as this transformers takes them:
+    `--evaluation_strategy` is `--eval_strategy`, `--group_by_length B` is `--train_sampling_strategy
+    group_by_length` (nothing when B is false), `--warmup_ratio` is `--warmup_steps` where that took it over."""
+    renames = {f"--{old}": f"--{new}" for old, new in _transformers4_renames().items()}
+    grouping = "group_by_length" not in TrainingArguments.__dataclass_fields__
+    out, i = [], 0
+    while i < len(argv):
+        if grouping and argv[i] == "--group_by_length":
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if string_to_bool(argv[i + 1]) if has_value else True:
+                out += ["--train_sampling_strategy", "group_by_length"]
+            i += 2 if has_value else 1
+            continue
+        out.append(renames.get(argv[i], argv[i]))
+        i += 1
+    return out
+
+
+def _transformers4_keys(values: dict) -> dict:
+    """A config file's options with the transformers-4 names as `transformers4_names` translates them."""
+    renames = _transformers4_renames()
+    out = {renames.get(key, key): value for key, value in values.items() if key != "group_by_length"}
+    if "group_by_length" in values and "group_by_length" not in TrainingArguments.__dataclass_fields__:
+        if string_to_bool(str(values["group_by_length"])):
+            out["train_sampling_strategy"] = "group_by_length"
+    return out
+
+
 def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse `argv` (and the `--config FILE` it may name) into the three argument dataclasses."""
-    argv = resolve_deepspeed_argument(argv)
-    if "warmup_ratio" not in TrainingArguments.__dataclass_fields__:
-        # transformers 5.2x folded --warmup_ratio into --warmup_steps (a float below 1 is a ratio); official
-        # scripts still pass --warmup_ratio.
-        argv = ["--warmup_steps" if arg == "--warmup_ratio" else arg for arg in argv]
+    argv = transformers4_names(resolve_deepspeed_argument(argv))
     # The full usage lists every TrainingArguments option: hundreds of lines in front of a one-line error.
     parser = HfArgumentParser(
         ARGUMENT_CLASSES, prog="internvl-lora finetune", usage="%(prog)s [--config FILE] [OPTIONS]"
@@ -145,7 +340,7 @@ def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments,
     config_reader.add_argument("--config")
     path = config_reader.parse_known_args(argv)[0].config
     if path is not None:
-        values = _read_config_file(path)
+        values = _transformers4_keys(_read_config_file(path))
         known = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -160,4 +355,6 @@ def parse_finetune_args(argv: list[str]) -> tuple[ModelArguments, DataArguments,
         raise ValueError(f"{error.name.strip()} Install it, or drop the option that needs it.") from None
     if rest:
         raise ValueError(f"unknown argument(s): {' '.join(rest)}")
+    if "--do_train" in argv and not training_args.do_train:
+        raise ValueError("--do_train False: this command trains; there is nothing else for it to do")
     return model_args, data_args, training_args

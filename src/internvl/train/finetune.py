@@ -20,13 +20,15 @@ import torch
 from peft import PeftModel
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from internvl import checkpoint
 from internvl.data.collate import Collator
 from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.data.dataset import InternVLDataset, SampleBuilder
-from internvl.data.reading import read_meta
+from internvl.data.errors import EMPTY_DATASET
+from internvl.data.reading import Annotations, read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
 from internvl.lora.fused import (
     CheckpointPlan,
@@ -36,10 +38,17 @@ from internvl.lora.fused import (
     set_checkpointed_layers,
 )
 from internvl.lora.inject import count_params
+from internvl.model.assemble import assemble_model
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
-from internvl.model.projector import num_image_tokens
 from internvl.train import outputs
-from internvl.train.args import DataArguments, ModelArguments
+from internvl.train.args import (
+    CHECKPOINT_SETTINGS,
+    OFFICIAL_DEFAULTS,
+    DataArguments,
+    ModelArguments,
+    fill_unset,
+    official_option_notes,
+)
 from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
 
@@ -59,39 +68,28 @@ def _compute_dtype(training_args: TrainingArguments) -> torch.dtype:
     return torch.float32
 
 
+def checkpoint_settings(model: InternVLChatModel) -> dict:
+    """The model's own value of each setting whose default is the checkpoint's, by argument name."""
+    serving = outputs.ServingSettings.from_model(model)
+    return {argument: getattr(serving, field) for argument, field in CHECKPOINT_SETTINGS.items()}
+
+
 def prepare_model(
     model: InternVLChatModel, tokenizer, model_args: ModelArguments, data_args: DataArguments
 ) -> InternVLChatModel:
     """Configure, freeze and wrap `model` for training in the official trainer's order.
 
-    Unlike the official trainer, `unfreeze_lm_head` really trains the head (under LoRA it becomes a PEFT
-    `modules_to_save` module, so the adapter carries it), and the ViT checkpointing is non-reentrant so its
-    LoRA gets gradients with a frozen backbone.
+    Settings the arguments leave unset (None) are the model's own. Unlike the official trainer, `unfreeze_lm_head`
+    really trains the head (under LoRA it becomes a PEFT `modules_to_save` module, so the adapter carries it), and
+    the ViT checkpointing is non-reentrant so its LoRA gets gradients with a frozen backbone.
     """
-    config = model.config
-    if data_args.force_image_size != config.image_size:
-        model.vision_model.resize_pos_embeddings(
-            old_size=config.vision_config.image_size,
-            new_size=data_args.force_image_size,
-            patch_size=config.vision_config.patch_size,
-        )
-        config.vision_config.image_size = data_args.force_image_size
-    config.force_image_size = data_args.force_image_size
-    config.template = model.template = data_args.conv_style
-    config.select_layer = model.select_layer = model_args.vision_select_layer
-    config.ps_version = model.ps_version = model_args.ps_version
-    config.downsample_ratio = model.downsample_ratio = data_args.down_sample_ratio
-    config.dynamic_image_size = data_args.dynamic_image_size
-    config.use_thumbnail = data_args.use_thumbnail
-    config.min_dynamic_patch = data_args.min_dynamic_patch
-    config.max_dynamic_patch = data_args.max_dynamic_patch
-    model.num_image_token = num_image_tokens(
-        data_args.force_image_size, config.vision_config.patch_size, data_args.down_sample_ratio
-    )
-    model.system_message = model.conv_template.system_message
+    fill_unset(model_args, data_args, checkpoint_settings(model))
+    settings = {field: getattr(model_args if hasattr(model_args, argument) else data_args, argument)
+                for argument, field in CHECKPOINT_SETTINGS.items()}
+    outputs.ServingSettings(**settings, normalize_type=data_args.normalize_type).apply_to(model)
 
     if resize_embeddings_for_tokenizer(model.language_model, tokenizer):
-        config.llm_config.vocab_size = len(tokenizer)
+        model.config.llm_config.vocab_size = len(tokenizer)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     model.language_model.config.use_cache = False
     if model_args.grad_checkpoint:
@@ -150,9 +148,9 @@ class InternVLTrainer(Trainer):
         import deepspeed  # `deepspeed.zero` is an attribute of the package, not an importable module
 
         model = self.accelerator.unwrap_model(self.model)
-        trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
-        with deepspeed.zero.GatheredParameters(list(trainable.values())):  # a collective: every rank gathers
-            state_dict = {name: param.detach().cpu() for name, param in trainable.items()}  # GPU -> CPU: a copy
+        saved = outputs.saved_parameters(model, self.base_config)  # trainable, and embeddings that grew
+        with deepspeed.zero.GatheredParameters(list(saved.values())):  # a collective: every rank gathers
+            state_dict = {name: param.detach().cpu() for name, param in saved.items()}  # GPU -> CPU: a copy
         self._save(output_dir, state_dict=state_dict)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -164,6 +162,15 @@ class InternVLTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         outputs.save_outputs(model, output_dir, self.base_config, self.base_path, self.processing_class, state_dict)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _get_train_sampler(self, train_dataset=None):
+        # --group_by_length (train_sampling_strategy "group_by_length"): the HF sampler would build every sample to
+        # measure it; the dataset estimates lengths from its lines instead.
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and isinstance(dataset, InternVLDataset):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=dataset.lengths())
+        return super()._get_train_sampler(train_dataset)
 
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
@@ -211,6 +218,27 @@ class InternVLTrainer(Trainer):
         outputs.load_outputs_into(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
 
+def load_base_model(model_args: ModelArguments, data_args: DataArguments, dtype: torch.dtype) -> InternVLChatModel:
+    """The model to fine-tune: the checkpoint at --model_name_or_path, or one assembled from --vision_path,
+    --llm_path (and --mlp_path) as the official trainer does, with the official defaults where flags are unset."""
+    if model_args.model_name_or_path is not None:
+        config = InternVLChatConfig.from_dict(checkpoint.read_config(model_args.model_name_or_path))
+        config.vision_config.drop_path_rate = model_args.drop_path_rate
+        return InternVLChatModel.from_pretrained(model_args.model_name_or_path, config=config, torch_dtype=dtype)
+    if model_args.vision_path is None or model_args.llm_path is None:
+        raise ValueError("--model_name_or_path is required, or --vision_path and --llm_path to assemble a model from "
+                         "its parts (or run `internvl-lora demo`)")
+    fill_unset(model_args, data_args, OFFICIAL_DEFAULTS)
+    return assemble_model(
+        model_args.vision_path, model_args.llm_path, model_args.mlp_path, dtype, model_args.drop_path_rate,
+        template=data_args.conv_style, force_image_size=data_args.force_image_size,
+        downsample_ratio=data_args.down_sample_ratio, dynamic_image_size=data_args.dynamic_image_size,
+        use_thumbnail=data_args.use_thumbnail, min_dynamic_patch=data_args.min_dynamic_patch,
+        max_dynamic_patch=data_args.max_dynamic_patch, ps_version=model_args.ps_version,
+        select_layer=model_args.vision_select_layer, pad2square=data_args.pad2square,
+    )
+
+
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """Fail before the model loads when a file the run needs is missing: model, meta file, its JSONL, checkpoint."""
     model_path = model_args.model_name_or_path
@@ -230,24 +258,48 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
             if not os.path.isfile(spec.annotation):
                 raise FileNotFoundError(f"{meta_path}: dataset {spec.name!r}: annotation file {spec.annotation} not "
                                         "found")
+            for problem in Annotations(spec).problems(meta_path):  # before the model loads, which takes minutes
+                if problem.cause == EMPTY_DATASET:
+                    raise problem
+    for option in ("vision_path", "llm_path", "mlp_path"):
+        path = getattr(model_args, option)
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f"--{option} {path}: no such file or folder")
     if os.path.exists(training_args.output_dir) and not os.path.isdir(training_args.output_dir):
         raise ValueError(f"--output_dir {training_args.output_dir}: is a file, not a folder; pass a folder to write to")
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
+    if model_args.save_full_model:  # a model merged by an earlier run may go, nothing else
+        outputs.check_merge_output(Path(training_args.output_dir) / outputs.FULL_MODEL, overwrite=True)
 
 
-def resume_checkpoint(training_args: TrainingArguments, base_config: dict, force_base_model: bool) -> str | None:
+# What an output folder may hold and still count as empty: our TensorBoard logs and staging folder, which a run
+# killed before its first checkpoint leaves behind.
+_NO_TRAINING_STATE = {"runs", ".staging"}
+
+
+def resume_checkpoint(training_args: TrainingArguments, base_config: dict, model_args: ModelArguments) -> str | None:
     """The checkpoint to resume from, checked against the base model: --resume_from_checkpoint, else (as the
-    official script does) the last complete `checkpoint-N` in output_dir, else None."""
+    official script does) the last complete `checkpoint-N` in output_dir, else None.
+
+    With `--overwrite_output_dir True` nothing is resumed (the run starts afresh); with False, an output folder that
+    holds something but no checkpoint is refused, as officially.
+    """
     resume = training_args.resume_from_checkpoint
-    if resume is None and os.path.isdir(training_args.output_dir):
-        resume = get_last_checkpoint(training_args.output_dir)
+    output_dir = training_args.output_dir
+    if resume is None and os.path.isdir(output_dir) and not model_args.overwrite_output_dir:
+        resume = get_last_checkpoint(output_dir)
+        if resume is None and model_args.overwrite_output_dir is False and set(os.listdir(output_dir)) - _NO_TRAINING_STATE:
+            raise ValueError(f"--output_dir {output_dir}: already exists and is not empty, and holds no checkpoint to "
+                             "resume from; pass --overwrite_output_dir True to train afresh in it, or another folder")
         if resume is not None and training_args.process_index == 0:
-            print(f"Resuming from {resume}, the last checkpoint in --output_dir (pass another --output_dir to "
-                  "start afresh)")
+            print(f"Resuming from {resume}, the last checkpoint in --output_dir (pass another --output_dir, or "
+                  "--overwrite_output_dir True, to start afresh)")
     if resume is not None:
-        outputs.check_base(outputs.read_manifest(resume), resume, base_config, force_base_model)
+        manifest = outputs.read_manifest(resume)
+        outputs.check_base(manifest, resume, base_config, model_args.force_base_model)
+        outputs.check_ranks(manifest, resume, model_args)
     return resume
 
 
@@ -477,31 +529,35 @@ def write_final_outputs(trainer: InternVLTrainer, model: InternVLChatModel, mode
     if data_args.eval_meta_path:
         write_eval_report(trainer, model, data_args)
     if trainer.args.should_save and model_args.save_full_model:
-        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, trainer.base_path)
+        outputs.save_merged_model(model, output_dir / outputs.FULL_MODEL, output_dir, trainer.base_path,
+                                  overwrite=True)
     trainer.save_state()  # the marker: written on the main process only
 
 
 def finetune(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-             model: InternVLChatModel | None = None, tokenizer=None) -> FinetuneResult:
+             model: InternVLChatModel | None = None, tokenizer=None,
+             callbacks: list[TrainerCallback] | None = None) -> FinetuneResult:
     """Train per the arguments; write adapters, tokenizer, manifest, loss curve (and the merged model) to output_dir.
 
-    `model` / `tokenizer` may be passed in (the demo builds its own); otherwise both load from
-    `model_args.model_name_or_path`. Run again, it resumes from the last checkpoint in output_dir; a finished run
-    trains nothing.
+    `model` / `tokenizer` may be passed in (the demo and the end-to-end bench build their own); otherwise both load
+    from `model_args.model_name_or_path`. `callbacks` go to the HF Trainer. Run again, it resumes from the last
+    checkpoint in output_dir; a finished run trains nothing.
     """
     set_seed(training_args.seed)
     base_path = model_args.model_name_or_path
     check_inputs(model_args, data_args, training_args)
     if model is None:
-        if base_path is None:
-            raise ValueError("--model_name_or_path is required (or run `internvl-lora demo`)")
-        config = InternVLChatConfig.from_dict(checkpoint.read_config(base_path))
-        config.vision_config.drop_path_rate = model_args.drop_path_rate
-        model = InternVLChatModel.from_pretrained(base_path, config=config, torch_dtype=_compute_dtype(training_args))
-        tokenizer = load_tokenizer(base_path, data_args.max_seq_length)
+        model = load_base_model(model_args, data_args, _compute_dtype(training_args))
+        tokenizer = load_tokenizer(base_path or model_args.llm_path, data_args.max_seq_length)
+    taken = fill_unset(model_args, data_args, checkpoint_settings(model))
+    if training_args.process_index == 0:
+        if taken:
+            print("from the checkpoint's config: " + ", ".join(f"--{name} {value}" for name, value in taken.items()))
+        for note in official_option_notes(model_args, data_args):
+            print(note)
     base_config = model.config.to_dict()
-    resume = resume_checkpoint(training_args, base_config, model_args.force_base_model)
-    finished = finished_state(training_args.output_dir)
+    resume = resume_checkpoint(training_args, base_config, model_args)
+    finished = None if model_args.overwrite_output_dir else finished_state(training_args.output_dir)
     model = prepare_model(model, tokenizer, model_args, data_args)
     counts = count_params(model)
     if training_args.process_index == 0:
@@ -517,6 +573,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         min_dynamic_patch=data_args.min_dynamic_patch,
         max_dynamic_patch=data_args.max_dynamic_patch,
         max_seq_length=data_args.max_seq_length,
+        normalize_type=data_args.normalize_type,
+        pad2square=data_args.pad2square,
     )
     train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples)
     eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
@@ -535,7 +593,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
-        callbacks=[FinishedRunGuard(training_args.output_dir, finished)],
+        callbacks=[FinishedRunGuard(training_args.output_dir, finished), *(callbacks or [])],
     )
     check_sharding(trainer, model_args)
     fast = FastPathCallback(trainer, model, model_args)

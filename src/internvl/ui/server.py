@@ -29,8 +29,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from PIL import Image
 
-from internvl.inference import LoadedModel, image_tiles, load_for_inference, stream_chat
+from internvl.inference import LoadedModel, load_for_inference, stream_chat
+from internvl.train.outputs import ServingSettings
 from internvl.ui import DEFAULT_HOST, DEFAULT_PORT
 from internvl.ui.runs import LOSS_CURVE, training_view
 
@@ -54,15 +56,20 @@ def generation_config(request: dict) -> dict:
     return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
 
 
-def decode_image(data_url: str) -> io.BytesIO:
-    """The file of a base64 data URL (what the page's file reader gives)."""
+def decode_image(data_url: str) -> Image.Image:
+    """The RGB image of a base64 data URL (what the page's file reader gives)."""
     header, _, payload = data_url.partition(",")
     if not (header.startswith("data:") and header.endswith(";base64")):
         raise ValueError("image: expected a base64 data URL")
     try:
-        return io.BytesIO(base64.b64decode(payload, validate=True))
+        data = base64.b64decode(payload, validate=True)
     except binascii.Error as error:
         raise ValueError(f"image: not base64: {error}") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as error:  # OSError: no image PIL knows, or a truncated one
+        raise ValueError(f"image: not an image file this server can read ({type(error).__name__})") from None
 
 
 def describe(index: int, loaded: LoadedModel) -> dict:
@@ -81,12 +88,8 @@ def read_question(request: dict, models: list[LoadedModel]) -> tuple[LoadedModel
     if not question:
         raise ValueError("ask a question")
     config = generation_config(request)
-    pixel_values = None
-    if request.get("image"):
-        try:
-            pixel_values = image_tiles(loaded.model, decode_image(request["image"]))
-        except OSError as error:  # PIL's error for a file that is no image it knows
-            raise ValueError(f"image: not an image file this server can read ({type(error).__name__})") from None
+    image = decode_image(request["image"]) if request.get("image") else None
+    pixel_values = None if image is None else ServingSettings.from_model(loaded.model).image_tiles(image)
     return loaded, question, pixel_values, config
 
 

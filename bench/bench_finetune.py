@@ -1,0 +1,179 @@
+"""The `finetune` loop end to end on the official InternVL LoRA recipe: HF + PEFT against the fused path.
+
+One command on a CUDA machine, nothing downloaded: the model is built at the full shape (`--model`, an official
+name from the zoo) with random bf16 weights, and trained by `internvl.train.finetune.finetune` itself on a
+synthetic dataset shaped like real SFT data, written by the bench (seeded): images of 12 aspect ratios from 336 to
+1344 px (1 to 7 tiles with the thumbnail), 15% text-only samples, 1 to 3 turns, answers log-normal around 75 words
+with a tail to 1,200. The official recipe: batch 4 per GPU, dynamic tiles (6 + thumbnail), max_seq_length 8192,
+LoRA 16 on the LLM, everything else frozen, gradient checkpointing, length-grouped batches, 4 loader workers, and
+the engine of `--deepspeed` (default the official zero_stage1_config.json, the package's copy).
+
+    python bench/bench_finetune.py                # every row, each in a process of its own under torchrun
+    python bench/bench_finetune.py --rows fused   # one row
+
+Rows: `peft` (--fast_lora False: PEFT's layers, the official trainer's path) and `fused` (the default fast path).
+Each row runs in a fresh process (so peaks do not mix); over the `--steps` steps after `--warmup` (loader
+included): the median step, samples/s and real (non-pad) tokens/s over the whole span, the padding share, the peak
+GiB, and the ratio of real tokens/s to the first row's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 2**30
+ASPECTS = [(336, 336), (448, 448), (672, 448), (448, 672), (896, 448), (448, 896), (896, 672), (672, 896),
+           (1344, 448), (448, 1344), (1344, 896), (896, 1344)]
+WORDS = ("the a shape colour image shows left right above below red blue green large small circle square next "
+         "to beside one two three object background photo picture scene person table window light dark").split()
+
+
+def write_sft_data(root: Path, samples: int, seed: int) -> Path:
+    """A seeded synthetic SFT set shaped like real data (see the module docstring); returns the meta file."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    for i, (width, height) in enumerate(ASPECTS):
+        Image.new("RGB", (width, height), (rng.randrange(256), rng.randrange(256), rng.randrange(256))).save(
+            images / f"{i}.png")
+    lines = []
+    for _ in range(samples):
+        turns = []
+        for turn in range(rng.choice((1, 1, 2, 3))):
+            words = min(1200, max(1, int(rng.lognormvariate(math.log(75), 0.8))))
+            question = " ".join(rng.choices(WORDS, k=rng.randint(5, 25))) + "?"
+            turns += [{"from": "human", "value": question},
+                      {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=words)) + "."}]
+        record = {"conversations": turns}
+        if rng.random() >= 0.15:
+            record["image"] = f"{rng.randrange(len(ASPECTS))}.png"
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        lines.append(json.dumps(record))
+    (root / "sft.jsonl").write_text("\n".join(lines) + "\n")
+    meta = {"sft": {"root": str(images), "annotation": str(root / "sft.jsonl"), "data_augment": False,
+                    "repeat_time": 1, "length": samples}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root / "meta.json"
+
+
+def run_row(row: str, args: argparse.Namespace) -> dict:
+    """Train one row in this process; its median step, throughput and peak memory."""
+    import torch
+    from transformers import TrainerCallback
+
+    from internvl.model.chat_config import InternVLChatConfig
+    from internvl.model.internvl_chat import InternVLChatModel
+    from internvl.tiny import tiny_tokenizer
+    from internvl.train.args import parse_finetune_args
+    from internvl.train.finetune import finetune
+    from internvl.zoo import official_config
+
+    class StepTimer(TrainerCallback):
+        """Wall time, real (attended) and padded tokens of every optimizer step, the loader's time included."""
+
+        def __init__(self):
+            self.ends, self.real, self.padded = [], [0], [0]
+
+        def count(self, module, args, kwargs):
+            """A forward pre-hook on the chat model: the batch's tokens (every forward is one micro-batch)."""
+            self.real[-1] += int(kwargs["attention_mask"].sum())
+            self.padded[-1] += kwargs["input_ids"].numel()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            self.ends.append(time.perf_counter())
+            self.real.append(0)
+            self.padded.append(0)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    meta = write_sft_data(work / "data", args.samples, seed=0)
+    torch.manual_seed(0)
+    config = InternVLChatConfig.from_dict(official_config(args.model))
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = InternVLChatModel(config)
+    torch.set_default_dtype(torch.float32)
+    recipe = [
+        "--meta_path", str(meta), "--output_dir", str(work / "run"), "--conv_style", config.template or "internvl2_5",
+        "--force_image_size", "448", "--max_dynamic_patch", "6", "--down_sample_ratio", "0.5",
+        "--dynamic_image_size", "True", "--use_thumbnail", "True", "--ps_version", "v2", "--vision_select_layer", "-1",
+        "--freeze_llm", "True", "--freeze_mlp", "True", "--freeze_backbone", "True", "--use_llm_lora", "16",
+        "--grad_checkpoint", "True", "--bf16", "True", "--per_device_train_batch_size", str(args.batch),
+        "--gradient_accumulation_steps", "1", "--learning_rate", "4e-5", "--weight_decay", "0.05",
+        "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--max_seq_length", "8192",
+        "--group_by_length", "True", "--dataloader_num_workers", "4", "--max_steps", str(args.warmup + args.steps),
+        "--save_strategy", "no", "--logging_steps", "1000", "--report_to", "none", "--disable_tqdm", "True",
+        "--fast_lora", str(row == "fused"),
+    ]
+    if args.deepspeed != "none":
+        recipe += ["--deepspeed", args.deepspeed]
+    timer = StepTimer()
+    model.register_forward_pre_hook(timer.count, with_kwargs=True)
+    torch.cuda.reset_peak_memory_stats()
+    finetune(*parse_finetune_args(recipe), model=model, tokenizer=tiny_tokenizer(), callbacks=[timer])
+    steps = range(args.warmup, len(timer.ends))  # step i ran from ends[i - 1] to ends[i]
+    durations = [timer.ends[i] - timer.ends[i - 1] for i in steps]
+    step = statistics.median(durations)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    real, padded = sum(timer.real[i] for i in steps), sum(timer.padded[i] for i in steps)
+    # Rates over the whole timed span: length-grouped steps differ in length, so a median step is no average one.
+    return {"row": row, "s_per_step": step, "samples_per_s": args.batch * world * len(durations) / sum(durations),
+            "real_tokens_per_s": real * world / sum(durations), "padding": 1 - real / padded,
+            "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+
+
+def main() -> None:
+    """Run each row in its own process (or, with --row, one row here) and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="InternVL2_5-8B")
+    parser.add_argument("--rows", nargs="+", default=["peft", "fused"], choices=["peft", "fused"])
+    parser.add_argument("--row", choices=["peft", "fused"], help=argparse.SUPPRESS)  # one row, in this process
+    parser.add_argument("--deepspeed", default="zero_stage1_config.json", help="config file or name; 'none': DDP")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=400)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=12)
+    args = parser.parse_args()
+    if args.row is not None:
+        result = run_row(args.row, args)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+    results = []
+    for row in args.rows:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--row", row,
+                   *sys.argv[1:]]
+        output = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+        if output.returncode or not lines:
+            print(f"row {row} failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}", flush=True)
+            continue
+        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+        print(f"{row}: {results[-1]}", flush=True)
+    if not results:
+        return
+    first = results[0]
+    print(f"\n{args.model}, --deepspeed {args.deepspeed}, batch {args.batch}, median of {args.steps} steps after "
+          f"{args.warmup}")
+    print("| row | s/step (median) | samples/s | real tokens/s | padding | peak GiB | x first row |")
+    print("|---|---|---|---|---|---|---|")
+    for result in results:
+        print(f"| {result['row']} | {result['s_per_step']:.3f} | {result['samples_per_s']:.2f} | "
+              f"{result['real_tokens_per_s']:,.0f} | {result['padding']:.0%} | {result['peak_gib']:.2f} | "
+              f"{result['real_tokens_per_s'] / first['real_tokens_per_s']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
