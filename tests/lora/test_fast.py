@@ -17,13 +17,15 @@ from tests.builders import lora_grads, tiny_peft_llm, token_batch
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 ARCHS = sorted(LLM_ARCHS)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYERS = 2  # the tiny LLMs'
 
 
 def step(model, fast: bool, scale: float = 1.0):
     """Loss and gradients (divided by `scale`, as a GradScaler unscales them) of one step on the same batch."""
     model.zero_grad()
-    input_ids, labels = token_batch(length=24)
+    device = next(model.parameters()).device
+    input_ids, labels = (t.to(device) for t in token_batch(length=24))
     with enable_fast_lora(model) if fast else _nothing():
         out = model(input_ids=input_ids, labels=labels)
         (out.loss.float() * scale).backward()
@@ -72,13 +74,15 @@ def with_base_in(model, dtype):
     return model
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dtype", "scale"), [(torch.bfloat16, 1.0), (torch.float16, 65536.0)],
                          ids=["bf16", "fp16-scaled"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_every_architecture_in_16_bits_is_as_close_to_fp32_as_peft(arch, dtype, scale):
+def test_every_architecture_in_16_bits_is_as_close_to_fp32_as_peft(arch, dtype, scale, device):
     """Against the same step in float32, the fused path's LoRA gradients are off by no more than PEFT's own (float16
-    with the GradScaler's first scale, 65536, which the fused loss once overflowed)."""
-    model = tiny_peft_llm(arch)
+    with the GradScaler's first scale, 65536, which the fused loss once overflowed). On CUDA the elementwise pieces
+    run compiled."""
+    model = tiny_peft_llm(arch).to(device)
     _, ref = step(model, fast=False)
     model = with_base_in(model, dtype)
     _, peft = step(model, fast=False, scale=scale)

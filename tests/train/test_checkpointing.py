@@ -42,6 +42,27 @@ def test_every_checkpoint_plan_gives_the_same_gradients_with_dropout(plan):
     assert any(g.abs().sum() > 0 for g in grads[0].values())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton dropout kernels run on CUDA only")
+def test_on_cuda_in_bf16_a_recomputed_layer_redraws_the_triton_dropout_masks():
+    input_ids, labels = (t.cuda() for t in token_batch(length=64))
+    grads = []
+    for plan in (None, CheckpointPlan(), CheckpointPlan(recompute_mlp=2)):
+        model = tiny_peft_llm("Qwen2ForCausalLM", dropout=0.3).cuda()
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                param.data = param.data.bfloat16()
+        with enable_fast_lora(model):
+            if plan is not None:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                set_checkpointed_layers(model, plan)
+            torch.manual_seed(3)
+            model(input_ids=input_ids, labels=labels).loss.backward()
+        grads.append(lora_grads(model))
+    for other in grads[1:]:  # another mask would move a gradient by its whole size; atomics and bf16 by far less
+        for name, grad in other.items():
+            torch.testing.assert_close(grad, grads[0][name], rtol=2e-2, atol=1e-3, msg=name)
+
+
 def counting_linear(monkeypatch, names: dict[int, str]) -> list:
     """Record the name (from `names`, by weight) of every nn.functional.linear call."""
     calls = []
