@@ -1,4 +1,4 @@
-"""Time one LoRA training step of InternVL's LLMs: HF + PEFT against the fused path (internvl.lora.fused).
+"""Time one LoRA training step of InternVL's LLMs: HF + PEFT against the fused path (internvl.lora.fast).
 
 One command on a CUDA machine, no download: each model is built with random bf16 weights at the full 7B shape
 (or `--layers N` of them), wrapped in PEFT LoRA (r 16, alpha 32, dropout 0.05, the arch table's targets), and
@@ -11,6 +11,9 @@ Configurations, per model, in one run on the same weights:
 - `peft`: HF + PEFT, gradient checkpointing on every layer (the official recipe).
 - `fast`: `enable_fast_lora` plus `fit_checkpointing` within the `peft` configuration's peak memory.
 - `fast, no ckpt` (`--no-checkpointing`): the fused path with every activation kept, whatever the memory.
+- `peft + liger` (`--liger`, Qwen2 only, when liger-kernel is installed): the same PEFT model with liger-kernel's
+  Qwen2 patches (rope, RMSNorm, SwiGLU, fused linear cross-entropy), every layer checkpointed. Liger patches
+  transformers' Qwen2 module for the whole process, so this row runs last for its model.
 `--vlm` adds the whole InternVL2.5-8B step of the official LoRA recipe (InternViT-300M and projector frozen, LoRA
 on the LLM): 7 tiles of 448 px (1,792 image tokens) in a `--seq`-token sample.
 A step is forward + backward + AdamW on the LoRA parameters; the figure is the median of `--steps` timed steps
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import time
 
@@ -36,10 +40,10 @@ from internvl.archs import llm_arch, resolve
 from internvl.model.chat_config import InternVLChatConfig
 from internvl.model.internvl_chat import InternVLChatModel
 from internvl.zoo import official_config
-from internvl.lora.fused import (
+from internvl.lora.fast import enable_fast_lora
+from internvl.train.checkpointing import (
     CheckpointPlan,
     checkpointable_layers,
-    enable_fast_lora,
     fit_checkpointing,
     set_checkpointed_layers,
 )
@@ -259,6 +263,8 @@ def run(name: str, args) -> list[dict]:
         seconds, peak = time_steps(model, batch, args.warmup, args.steps)
         rows.append(dict(config=config, seconds=seconds, peak=peak, plan=plan_label(fixed)))
     handle.restore()
+    if args.liger:
+        rows += liger_rows(name, model, batch, args, ref_loss)
     layers = llm.get_base_model().config.num_hidden_layers
     label = f"{name} (InternLM2 LLM + InternViT-300M)" if name == VLM else name
     for row in rows:
@@ -267,6 +273,29 @@ def run(name: str, args) -> list[dict]:
     del model, llm, handle
     torch.cuda.empty_cache()
     return rows
+
+
+LIGER = {"Qwen2ForCausalLM": "apply_liger_kernel_to_qwen2"}  # InternLM2 (our own class) has no Liger patch
+
+
+def liger_rows(name: str, model, batch, args, ref_loss) -> list[dict]:
+    """The `peft + liger` row: the same PEFT model and batch with liger-kernel's patches, every layer checkpointed."""
+    if name not in LIGER:
+        print(f"{name}: --liger: liger-kernel has no patch for this class; row skipped", flush=True)
+        return []
+    if importlib.util.find_spec("liger_kernel") is None:
+        print(f"{name}: --liger: liger-kernel is not installed (pip install liger-kernel); row skipped", flush=True)
+        return []
+    import liger_kernel.transformers as liger
+
+    getattr(liger, LIGER[name])(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=model.get_base_model())
+    set_checkpointed_layers(model, CheckpointPlan())
+    loss, _ = grads_without_dropout(model, batch)
+    print(f"{name}: peft + liger loss {loss.item():.5f} vs peft {ref_loss.item():.5f}", flush=True)
+    seconds, peak = time_steps(model, batch, args.warmup, args.steps)
+    return [dict(config="peft + liger", seconds=seconds, peak=peak, plan="every layer checkpointed",
+                 loss_diff=(abs(loss - ref_loss) / abs(ref_loss)).item(), grad_diff=float("nan"))]
 
 
 def main() -> None:
@@ -281,6 +310,8 @@ def main() -> None:
     parser.add_argument("--fp32-reference", action="store_true", help="also compare both to a float32 copy")
     parser.add_argument("--profile", action="store_true", help="print the fast path's kernels, most time first")
     parser.add_argument("--no-checkpointing", action="store_true", help="also time the fast path with none")
+    parser.add_argument("--liger", action="store_true",
+                        help="also time HF + PEFT with liger-kernel's patches (Qwen2; skipped when not installed)")
     parser.add_argument("--plans", action="store_true",
                         help="also time every layer checkpointed and every layer MLP-recomputed (the plan's costs)")
     args = parser.parse_args()

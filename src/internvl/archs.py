@@ -2,7 +2,9 @@
 
 Everything that differs between LLM families (which class builds it, which modules LoRA targets, what the
 embedding and head are called, which conversation template the family's InternVL models use) lives here as
-plain data. Code elsewhere looks rows up by `llm_config.architectures[0]`; it never branches on family names.
+plain data, and so do the facts the fused training path needs (which modules form a gated MLP, which RMSNorm
+class and formula, which modules read a norm's output, where rotary embedding can be replaced). Code elsewhere
+looks rows up by `llm_config.architectures[0]`; it never branches on family names.
 """
 
 from __future__ import annotations
@@ -25,6 +27,20 @@ class LLMArch:
     lora_target_parameters: tuple[str, ...] = ()  # fused expert weights (nn.Parameter, not Linear)
     per_expert_checkpoint: bool = False  # files hold one Linear per expert; transformers fuses them
     attn_implementation: str = "sdpa"  # transformers' kernel name; sdpa unless the class lacks it
+    # What the fused training path (`internvl.lora.fast`) may put in the place of which module. Paths are inside
+    # one decoder layer of `decoder_layers`; each fact is checked against the real classes by tests/test_archs.py.
+    decoder_layers: str = "model.layers"
+    # (gate, up, down) LoRA-able linears whose parent computes down(act(gate(x)) * up(x)); None where the MLP is
+    # not of that form over separate Linears (Phi3 packs gate and up in one; MoE experts are parameters).
+    gated_mlp: tuple[str, str, str] | None = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    rms_norm_class: str | None = None  # "module:Class" of the RMSNorm, whose formula is `rms_norm`
+    rms_norm: str = "llama"  # "llama": weight * normed.to(dtype); "gpt_oss": (weight * normed).to(dtype)
+    # Each norm of a decoder layer whose output only these modules read (so the norm can run inside them).
+    norm_readers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # A child module applying rotate-half rotary embedding as (q, k, cos, sin) -> (q, k); None where the attention
+    # calls its modeling module's function (transformers' classes: nothing per instance to put in its place).
+    rotary: str | None = None
+    fused_loss: bool = True  # the causal-LM forward is decoder -> head -> transformers' causal-LM loss
 
 
 _LLAMA_STYLE = (
@@ -38,6 +54,9 @@ _LLAMA_STYLE = (
 )
 _ATTENTION_ONLY = _LLAMA_STYLE[:4]
 _FUSED_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+_QKV_READ_NORM = ("input_layernorm", _LLAMA_STYLE[:3])
+_LLAMA_NORM_READERS = (_QKV_READ_NORM, ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+
 
 LLM_ARCHS: dict[str, LLMArch] = {
     row.name: row
@@ -56,6 +75,11 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.tok_embeddings",
             lm_head="output",
             template="internlm2-chat",
+            gated_mlp=("feed_forward.w1", "feed_forward.w3", "feed_forward.w2"),
+            rms_norm_class="transformers.models.llama.modeling_llama:LlamaRMSNorm",  # InternLM2's own norm is LLaMA's
+            norm_readers=(("attention_norm", ("attention.wqkv",)),
+                          ("ffn_norm", ("feed_forward.w1", "feed_forward.w3"))),
+            rotary="attention.rotary",
         ),
         LLMArch(
             name="LlamaForCausalLM",
@@ -65,6 +89,8 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="internvl2_5",
+            rms_norm_class="transformers.models.llama.modeling_llama:LlamaRMSNorm",
+            norm_readers=_LLAMA_NORM_READERS,
         ),
         LLMArch(
             name="Qwen2ForCausalLM",
@@ -74,6 +100,8 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="internvl2_5",
+            rms_norm_class="transformers.models.qwen2.modeling_qwen2:Qwen2RMSNorm",
+            norm_readers=_LLAMA_NORM_READERS,
         ),
         LLMArch(
             name="Phi3ForCausalLM",
@@ -83,6 +111,10 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="phi3-chat",
+            gated_mlp=None,  # gate and up are the halves of one gate_up_proj
+            rms_norm_class="transformers.models.phi3.modeling_phi3:Phi3RMSNorm",
+            norm_readers=(("input_layernorm", ("self_attn.qkv_proj",)),
+                          ("post_attention_layernorm", ("mlp.gate_up_proj",))),
         ),
         LLMArch(
             name="Qwen3ForCausalLM",
@@ -92,6 +124,9 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="internvl2_5",
+            # also q_norm and k_norm, over each head
+            rms_norm_class="transformers.models.qwen3.modeling_qwen3:Qwen3RMSNorm",
+            norm_readers=_LLAMA_NORM_READERS,
         ),
         LLMArch(
             name="Qwen3MoeForCausalLM",
@@ -103,6 +138,9 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="internvl2_5",
+            gated_mlp=None,  # experts
+            rms_norm_class="transformers.models.qwen3_moe.modeling_qwen3_moe:Qwen3MoeRMSNorm",
+            norm_readers=(_QKV_READ_NORM,),  # the router reads the post-attention norm too
         ),
         LLMArch(
             name="GptOssForCausalLM",
@@ -114,6 +152,10 @@ LLM_ARCHS: dict[str, LLMArch] = {
             embed_tokens="model.embed_tokens",
             lm_head="lm_head",
             template="internvl3_5_gpt_oss",
+            gated_mlp=None,  # experts
+            rms_norm_class="transformers.models.gpt_oss.modeling_gpt_oss:GptOssRMSNorm",
+            rms_norm="gpt_oss",
+            norm_readers=(_QKV_READ_NORM,),
         ),
     ]
 }

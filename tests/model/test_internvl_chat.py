@@ -159,6 +159,21 @@ def test_text_only_tiles_flagged_zero_feed_nothing_to_the_llm(tokenizer):
     torch.testing.assert_close(with_dummy, model.language_model(input_ids=ids).logits)
 
 
+def test_a_text_only_batch_runs_the_vit_once_and_keeps_its_lora_in_the_graph(tokenizer):
+    """DDP and ZeRO need every trainable weight used on every rank: the ViT's LoRA gets a (zero) gradient."""
+    model = build_model().train()
+    model.wrap_backbone_lora(r=4, lora_alpha=8, verbose=False)
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    calls = []
+    model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+    dummy = torch.zeros(1, 3, model.config.image_size, model.config.image_size)
+    model(pixel_values=dummy, input_ids=ids, labels=ids, image_flags=torch.zeros(1, dtype=torch.long)).loss.backward()
+    assert len(calls) == 1
+    vit_lora = [p for n, p in model.vision_model.named_parameters() if "lora_" in n]
+    assert vit_lora and all(p.grad is not None and not p.grad.any() for p in vit_lora)
+
+
 def test_chat_answers_with_the_template_and_keeps_history(tokenizer):
     model = build_model("Qwen2ForCausalLM")
     pixel_values = torch.randn(2, 3, model.config.image_size, model.config.image_size)

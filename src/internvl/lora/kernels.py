@@ -1,4 +1,4 @@
-"""Triton kernels of the fused LoRA path; CUDA only (`internvl.lora.fused` uses torch elsewhere).
+"""Triton kernels of the fused LoRA path; CUDA only (`internvl.lora.products` picks them or torch's ops).
 
 Dropout's keep-mask comes from a counter-based generator (Philox), so a seed is all backward needs to apply the
 same mask again: no mask is stored. Element i of a contiguous tensor is kept when number `i % 4` of
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from internvl.lora.products import kernels_take as supports  # the one rule of which inputs these kernels take
 
 
 @triton.jit
@@ -153,15 +155,11 @@ def add_lora_input_grad(dh: torch.Tensor, lora_a: torch.Tensor, p: float, seed: 
     return out
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Whether these kernels take `x`: a contiguous CUDA tensor whose rows hold whole groups of four."""
-    return x.is_cuda and x.is_contiguous() and x.shape[-1] % 4 == 0 and x.numel() < 2**31
-
-
 def _check(x: torch.Tensor) -> None:
     if not supports(x):
-        raise ValueError("the LoRA dropout kernels need a contiguous CUDA tensor of fewer than 2**31 elements "
-                         f"whose last dimension is a multiple of 4, got {tuple(x.shape)} on {x.device}")
+        raise ValueError("the LoRA dropout kernels need a contiguous bfloat16 or float16 CUDA matrix of fewer than "
+                         f"2**31 elements whose rows are a multiple of 4 long, got {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}")
 
 
 def _rank_block(r: int) -> int:

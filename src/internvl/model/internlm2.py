@@ -176,6 +176,15 @@ def apply_rotary_pos_emb(query, key, cos, sin):
     return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
 
 
+class RotaryApplication(nn.Module):
+    """`apply_rotary_pos_emb` as a parameter-free module of the attention, so that a faster one can take its place
+    per model (the fused training path's single-kernel rotary, `internvl.lora.fast`) instead of being swapped into
+    this module's namespace for every model of the process."""
+
+    def forward(self, query, key, cos, sin):
+        return apply_rotary_pos_emb(query, key, cos, sin)
+
+
 class InternLM2MLP(nn.Module):
     """Gated feed-forward: w2(act(w1 x) * w3 x), with w1 the gate, w3 the up and w2 the down projection."""
 
@@ -210,6 +219,7 @@ class InternLM2Attention(nn.Module):
             config.hidden_size, (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim, bias=config.bias
         )
         self.wo = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.bias)
+        self.rotary = RotaryApplication()
 
     def forward(
         self,
@@ -234,7 +244,7 @@ class InternLM2Attention(nn.Module):
         value_states = qkv[..., -1, :].contiguous().transpose(1, 2)
 
         cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        query_states, key_states = self.rotary(query_states, key_states, cos, sin)
         if past_key_values is not None:
             # (batch, kv_heads, keys, head_dim): the cached keys and values followed by these
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)

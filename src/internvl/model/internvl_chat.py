@@ -212,15 +212,16 @@ class InternVLChatModel(PreTrainedModel):
         `image_flags` ([N] or [N, 1]) marks the real tiles of `pixel_values`; tiles flagged 0 (the dummy tile of
         a text-only sample) run through the ViT but feed nothing to the LLM.
         """
-        vit_embeds = None
+        vit_embeds = all_tiles = None
         if pixel_values is not None:
-            vit_embeds = self.extract_feature(pixel_values)
+            vit_embeds = all_tiles = self.extract_feature(pixel_values)  # [N, num_image_token, llm_hidden]
             if image_flags is not None:
-                vit_embeds = vit_embeds[image_flags.reshape(-1) == 1]
+                vit_embeds = all_tiles[image_flags.reshape(-1) == 1]
         inputs_embeds = self._embed_with_images(input_ids, vit_embeds)
         if vit_embeds is not None and vit_embeds.shape[0] == 0:
-            # Keep the ViT and projector in the graph on text-only batches so every rank's gradients match.
-            inputs_embeds = inputs_embeds + 0.0 * self.extract_feature(pixel_values).sum()
+            # A text-only batch: keep the ViT and projector in the graph (zero gradients), so that every trainable
+            # weight is used on every rank as DDP and ZeRO expect.
+            inputs_embeds = inputs_embeds + 0.0 * all_tiles.sum()
         if past_key_values is not None:  # transformers 5.24 renamed it; pass it only when there is one
             kwargs["past_key_values"] = past_key_values
         outputs = self.language_model(

@@ -93,7 +93,7 @@ class ModelArguments:
     )
     fast_lora: bool = field(
         default=True,
-        metadata={"help": "On CUDA, train the LLM's LoRA through internvl.lora.fused's fused kernels (the same "
+        metadata={"help": "On CUDA, train the LLM's LoRA through internvl.lora.fast's fused modules (the same "
                           "adapters; PEFT's own layers on CPU, under FSDP/DeepSpeed or where unsupported)."},
     )
     recompute_mlp_only: bool = field(

@@ -30,13 +30,7 @@ from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.errors import EMPTY_DATASET
 from internvl.data.reading import Annotations, read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
-from internvl.lora.fused import (
-    CheckpointPlan,
-    FastLoRA,
-    checkpointable_layers,
-    maybe_enable_fast_lora,
-    set_checkpointed_layers,
-)
+from internvl.lora.fast import FastLoRA, maybe_enable_fast_lora
 from internvl.lora.inject import count_params
 from internvl.model.assemble import assemble_model
 from internvl.model.internvl_chat import InternVLChatConfig, InternVLChatModel
@@ -49,6 +43,7 @@ from internvl.train.args import (
     fill_unset,
     official_option_notes,
 )
+from internvl.train.checkpointing import CheckpointPlan, checkpointable_layers, set_checkpointed_layers
 from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
 
