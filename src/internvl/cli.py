@@ -75,12 +75,16 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """`chat MODEL [--adapter DIR] [--image PATH] [QUESTION]`: one answer, or a session without QUESTION."""
+    """`chat MODEL [--adapter DIR] [--image PATH | --video PATH] [QUESTION]`: one answer, or a session without
+    QUESTION."""
     from internvl.data.tiling import load_image
     from internvl.data.tokenizer import load_tokenizer
+    from internvl.data.video import load_video, video_prefix
     from internvl.model.internvl_chat import InternVLChatModel
     from internvl.train.outputs import load_adapter
 
+    if args.image and args.video:
+        raise ValueError("--image and --video: ask about one of them")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     model = InternVLChatModel.from_pretrained(args.model, torch_dtype=dtype, device_map="auto").eval()
     tokenizer = load_tokenizer(args.adapter or args.model)
@@ -90,9 +94,14 @@ def run_chat(args: argparse.Namespace) -> int:
     if args.image:
         size = model.config.image_size
         pixel_values = load_image(args.image, input_size=size, max_num=model.config.max_dynamic_patch)
+    # A video is its frames, as the model cards ask: one tile each, each named in a prefix to the first question.
+    frames, prefix = None, ""
+    if args.video:
+        pixel_values, frames = load_video(args.video, args.num_segments, input_size=model.config.image_size)
+        prefix = video_prefix(len(frames))
     config = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if args.question:
-        print(model.chat(tokenizer, pixel_values, args.question, config))
+        print(model.chat(tokenizer, pixel_values, prefix + args.question, config, num_patches_list=frames))
         return 0
     history = None
     while True:
@@ -102,8 +111,9 @@ def run_chat(args: argparse.Namespace) -> int:
             return 0
         if question in ("", "exit", "quit"):
             return 0
-        answer, history = model.chat(tokenizer, pixel_values if history is None else None, question, config,
-                                     history=history, return_history=True)
+        answer, history = model.chat(tokenizer, pixel_values, prefix + question, config, history=history,
+                                     return_history=True, num_patches_list=frames)
+        pixel_values, frames, prefix = None, None, ""  # the first question carries the image or video
         print(f"model> {answer}")
 
 
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="?", help="one question; without it, an interactive session")
     chat.add_argument("--adapter", help="adapter folder written by finetune")
     chat.add_argument("--image", help="image file")
+    chat.add_argument("--video", help="video file (MP4, WebM, GIF, ...) or folder of frame images")
+    chat.add_argument("--num-segments", "--num_segments", type=int, default=8, metavar="N",
+                      help="frames taken from the video, the middle of each of N equal segments (default 8)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--force-base-model", action="store_true", help="load an adapter trained on another base")
     chat.set_defaults(func=run_chat)
