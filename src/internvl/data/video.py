@@ -16,8 +16,9 @@ A folder is a video of its image files in natural order (`frame_2.jpg` before `f
 
 Where this differs from the official code, on purpose: a frame is drawn from its whole interval (officially never
 its last frame, and a random permutation replaces the rule when an interval is one frame long); GIFs and folders
-are padded to the drawn count like video files (officially they give each frame once); frame files sort
-naturally (officially by the number after `_` in `*_N.jpg` names, else in directory order).
+are padded to the drawn count like video files (officially they give each frame once); a clip applies to a GIF
+too, and one on a frame folder is refused (officially both ignore it); frame files sort naturally (officially by
+the number after `_` in `*_N.jpg` names, else in directory order).
 """
 
 from __future__ import annotations
