@@ -16,6 +16,10 @@ from peft import PeftModel
 from internvl.model.internvl_chat import InternVLChatModel
 from internvl.synthetic import write_dataset, write_meta
 from tests.builders import build_model
+from tests.data.builders import chat, tile_frames, write_frame_folder, write_gif, write_image, write_video
+from tests.data.builders import write_dataset as write_lines
+
+VIDEO_QUESTION = chat("What happens?", "colours change")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -156,6 +160,88 @@ def test_merged_model_and_base_plus_adapter_give_the_same_answer(trained):
     assert from_adapter.stdout == from_merged.stdout
 
 
+@pytest.fixture(scope="module")
+def video_run(trained):
+    """A LoRA run from the CLI on one dataset of video (MP4, MP4 clip, GIF, frame folder), image and text lines,
+    all eight in each batch."""
+    root, base, _, _ = trained
+    data = root / "video_data"
+    write_video(data / "v.mp4")
+    write_gif(data / "v.gif")
+    write_frame_folder(data / "frames")
+    write_image(data / "a.png", 56, 56)
+    videos = [{"video": "v.mp4"}, {"video": "v.mp4", "clip": [0.5, 1.5]}, {"video": "v.gif"}, {"video": "frames"}]
+    lines = [*({**video, "conversations": chat("What happens?", "red rises")} for video in videos),
+             *[{"image": "a.png", "conversations": chat("What is it?", "a line")}] * 2,
+             *[{"conversations": chat("What happens?", "nothing")}] * 2]
+    meta = write_lines(data, lines)
+    out = root / "video_run"
+    result = cli(*lora_recipe(root, base), "--meta_path", str(meta), "--min_num_frame", "2", "--max_num_frame", "4",
+                 "--max_steps", "2", "--per_device_train_batch_size", "8", "--learning_rate", "1e-2",
+                 "--logging_steps", "1", "--report_to", "none", "--use_cpu", "True", "--output_dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base, out, data
+
+
+def test_video_image_and_text_lines_train_together_into_an_adapter(video_run):
+    base, out, _ = video_run
+    assert_trained_adapter(base, out)
+    assert len(json.loads((out / "loss_history.json").read_text())) == 2
+
+
+def test_chat_about_a_video_answers_as_the_model_cards_call(video_run):
+    from internvl.data.tokenizer import load_tokenizer
+    from internvl.data.video import load_video, video_prefix
+    from internvl.train.outputs import load_adapter
+
+    base, out, data = video_run
+    result = cli("chat", str(base), "What happens?", "--adapter", str(out), "--video", str(data / "v.mp4"),
+                 "--num_segments", "4", "--max-new-tokens", "6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = InternVLChatModel.from_pretrained(base).eval()
+    load_adapter(model, out)
+    pixel_values, counts = load_video(data / "v.mp4", num_segments=4, input_size=56)
+    answer = model.chat(load_tokenizer(out), pixel_values, video_prefix(4) + "What happens?",
+                        dict(max_new_tokens=6, do_sample=False), num_patches_list=counts)
+    assert result.stdout == answer + "\n"
+
+
+def test_chat_about_a_missing_video_is_one_error_line(trained, tmp_path):
+    _, base, _, _ = trained
+    result = cli("chat", str(base), "What happens?", "--video", str(tmp_path / "gone.mp4"))
+    assert (result.returncode, result.stderr) == (2, f"internvl-lora chat: error: missing video: {tmp_path}/gone.mp4\n")
+
+
+def test_each_epoch_trains_on_frames_drawn_anew_the_same_as_the_dataset_draws(tokenizer, tmp_path):
+    """Through the Trainer and two DataLoader workers kept across epochs: the frames the model sees in epoch e are
+    the dataset's own draw for (seed, e, index)."""
+    from internvl.data.dataset import InternVLDataset, SampleBuilder
+    from internvl.train.args import parse_finetune_args
+    from internvl.train.finetune import finetune
+
+    write_video(tmp_path / "v.mp4")
+    meta = write_lines(tmp_path, [{"video": "v.mp4", "conversations": VIDEO_QUESTION}])
+    model = build_model("Qwen2ForCausalLM", template="internvl2_5")
+    seen = []
+    model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tile_frames(kwargs["pixel_values"])), with_kwargs=True)
+    model_args, data_args, training_args = parse_finetune_args([
+        "--meta_path", str(meta), "--conv_style", "internvl2_5", "--force_image_size", "56", "--freeze_llm", "True",
+        "--freeze_backbone", "True", "--use_llm_lora", "4", "--min_num_frame", "3", "--max_num_frame", "6",
+        "--num_train_epochs", "3", "--per_device_train_batch_size", "1", "--dataloader_num_workers", "2",
+        "--dataloader_persistent_workers", "True", "--seed", "7", "--report_to", "none", "--use_cpu", "True",
+        "--save_strategy", "no", "--output_dir", str(tmp_path / "out")])
+    finetune(model_args, data_args, training_args, model=model, tokenizer=tokenizer)
+    builder = SampleBuilder(tokenizer, "internvl2_5", model.num_image_token, image_size=56, min_num_frame=3,
+                            max_num_frame=6)
+    dataset = InternVLDataset(meta, builder, seed=7)
+    drawn = []
+    for epoch in range(3):
+        dataset.set_epoch(epoch)
+        drawn.append(tile_frames(dataset[0]["pixel_values"]))
+    assert seen == drawn and len({tuple(frames) for frames in drawn}) == 3
+
+
 def test_an_adapter_on_another_base_model_is_refused(trained, tmp_path):
     _, _, out, _ = trained
     other = tmp_path / "other"
@@ -194,7 +280,11 @@ def _write_bad_data(folder, images) -> None:
         "all_bad": [json.dumps({**good, "image": "gone.png"}), '{"conversations": [}'],
         "too_long": [json.dumps({**good, "conversations": [good["conversations"][0],
                                                            {"from": "gpt", "value": "red " * 25_000}]})],
+        "no_video": [json.dumps(good), json.dumps({"video": "gone.mp4", "conversations": VIDEO_QUESTION})],
+        "bad_video": [json.dumps(good), json.dumps({"video": str(folder / "notes.mp4"),  # outside the shared root
+                                                    "conversations": VIDEO_QUESTION})],
     }
+    (folder / "notes.mp4").write_text("not a video\n")
     for name, records in lines.items():
         (folder / f"{name}.jsonl").write_text("".join(record + "\n" for record in records))
     for name in (*lines, "no_jsonl"):
@@ -239,8 +329,17 @@ def _write_bad_data(folder, images) -> None:
         pytest.param(["--meta_path", "{tmp}/too_long.json", "--max_seq_length", "256"],
                      "{tmp}/too_long.jsonl:1: sample too long: 100014 bytes of text make at least 575 tokens",
                      id="sample far over the limit"),
+        pytest.param(["--meta_path", "{tmp}/no_video.json"],
+                     "{tmp}/no_video.jsonl:2: missing video: {images}/gone.mp4", id="missing video"),
+        pytest.param(["--meta_path", "{tmp}/bad_video.json"],
+                     "{tmp}/bad_video.jsonl:2: unreadable video: {tmp}/notes.mp4: Invalid data found when processing "
+                     "input", id="unreadable video"),
         pytest.param(["--max_seq_length", "0"], "--max_seq_length 0: must be a positive number of tokens",
                      id="no tokens"),
+        pytest.param(["--min_num_frame", "0"], "--min_num_frame 0: must be a positive number of frames",
+                     id="no frames"),
+        pytest.param(["--max_num_frame", "4"], "--max_num_frame 4: must be at least --min_num_frame (8)",
+                     id="fewer frames at most than at least"),
         pytest.param(["--force_image_size", "-56"], "--force_image_size -56: must be a positive number of pixels",
                      id="negative image size"),
         pytest.param(["--min_dynamic_patch", "0"], "--min_dynamic_patch 0: must be a positive number of tiles",

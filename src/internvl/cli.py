@@ -95,18 +95,26 @@ def _open_image(path: str):
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    """`chat MODEL [--adapter DIR] [--image PATH] [QUESTION]`: one answer, or a session without QUESTION; images
-    tiled and prompts built with the settings the adapter (or the model) was trained with."""
+    """`chat MODEL [--adapter DIR] [--image PATH | --video PATH] [QUESTION]`: one answer, or a session without
+    QUESTION; images tiled and prompts built with the settings the adapter (or the model) was trained with."""
+    from internvl.data.video import load_video, video_prefix
     from internvl.inference import load_for_inference
     from internvl.train.outputs import ServingSettings
 
+    if args.image and args.video:
+        raise ValueError("--image and --video: ask about one of them")
     image = _open_image(args.image) if args.image else None
     loaded = load_for_inference(args.model, args.adapter, args.force_base_model)
     model, tokenizer = loaded.model, loaded.tokenizer
     pixel_values = None if image is None else ServingSettings.from_model(model).image_tiles(image)
+    # A video is its frames, as the model cards ask: one tile each, each named in a prefix to the first question.
+    frames, prefix = None, ""
+    if args.video:
+        pixel_values, frames = load_video(args.video, args.num_segments, input_size=model.config.image_size)
+        prefix = video_prefix(len(frames))
     config = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     if args.question:
-        print(model.chat(tokenizer, pixel_values, args.question, config))
+        print(model.chat(tokenizer, pixel_values, prefix + args.question, config, num_patches_list=frames))
         return 0
     history = None
     while True:
@@ -116,8 +124,9 @@ def run_chat(args: argparse.Namespace) -> int:
             return 0
         if question in ("", "exit", "quit"):
             return 0
-        answer, history = model.chat(tokenizer, pixel_values if history is None else None, question, config,
-                                     history=history, return_history=True)
+        answer, history = model.chat(tokenizer, pixel_values, prefix + question, config, history=history,
+                                     return_history=True, num_patches_list=frames)
+        pixel_values, frames, prefix = None, None, ""  # the first question carries the image or video
         print(f"model> {answer}")
 
 
@@ -202,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("question", nargs="?", help="one question; without it, an interactive session")
     chat.add_argument("--adapter", help="adapter folder written by finetune")
     chat.add_argument("--image", help="image file")
+    chat.add_argument("--video", help="video file (MP4, WebM, GIF, ...) or folder of frame images")
+    chat.add_argument("--num-segments", "--num_segments", type=int, default=8, metavar="N",
+                      help="frames taken from the video, the middle of each of N equal segments (default 8)")
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--force-base-model", "--force_base_model", action="store_true",
                       help="load an adapter trained on another base, or onto a model with LoRA merged in")

@@ -1,7 +1,8 @@
-"""Builders of the data tests: a small checkpoint folder, datasets, images and hostile files.
+"""Builders of the data tests: a small checkpoint folder, datasets, images, videos and hostile files.
 
 The checkpoint has a byte-level BPE tokenizer with the ChatML special tokens, trained here in milliseconds, and a
 config.json of an InternVL2.5-style model with 56-pixel tiles (4 image tokens a tile) so images stay tiny.
+Videos are encoded here with PyAV; each frame is one solid colour whose red level tells its index.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ import struct
 import zlib
 from pathlib import Path
 
+import av
+import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from internvl.data.constants import SPECIAL_TOKENS
+from internvl.data.tiling import IMAGENET_MEAN, IMAGENET_STD
 
 TILE = 56  # tile side in pixels
 PATCH = 14
@@ -94,6 +98,71 @@ def write_image(path: Path, width: int, height: int, color=(200, 30, 30), fmt: s
     return path
 
 
+FRAME_STEP = 8  # frame i is red level 8 i: lossy codecs keep that within 3, so the index reads back
+
+
+def frame_colour(index: int) -> tuple[int, int, int]:
+    return (FRAME_STEP * index, 100, 200)
+
+
+def frame_index(image: Image.Image) -> int:
+    """The index of the frame an image was decoded from."""
+    return round(np.asarray(image)[..., 0].mean() / FRAME_STEP)
+
+
+def tile_frames(pixel_values) -> list[int]:
+    """The index of the frame each tile of normalised pixel values [tiles, 3, H, W] shows (ImageNet mean/std)."""
+    red = (pixel_values[:, 0].mean((1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]) * 255
+    return [round(float(level) / FRAME_STEP) for level in red]
+
+
+def write_video(path: Path, frames: int = 20, fps: int = 10, codec: str = "libx264", size=(TILE, TILE),
+                keyframe_every: int = 5, options: dict | None = None) -> Path:
+    """A video file of `frames` solid frames (frame i in frame_colour(i)), a keyframe every `keyframe_every`;
+    `options` go to FFmpeg's muxer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w", options=options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.gop_size = keyframe_every
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), frame_colour(i), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())  # what the encoder still holds
+    return path
+
+
+def corrupt_packets(path: Path, packets: range) -> Path:
+    """Overwrite the bytes of the video's packets at positions `packets` (in file order) with random ones: a file
+    whose container is intact but whose frames there do not decode."""
+    with av.open(str(path)) as container:
+        spans = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for position, size in (spans[i] for i in packets):
+        data[position:position + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def write_gif(path: Path, frames: int = 20, size=(TILE, TILE)) -> Path:
+    """An animated GIF of `frames` solid frames, 100 ms each (10 fps)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.new("RGB", size, frame_colour(i)) for i in range(frames)]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
+    return path
+
+
+def write_frame_folder(folder: Path, frames: int = 12, size=(TILE, TILE)) -> Path:
+    """A folder of frames `frame_1.png` ... (frame i in frame_colour(i)), beside a file that is not a frame."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(frames):
+        Image.new("RGB", size, frame_colour(i)).save(folder / f"frame_{i + 1}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    return folder
+
+
 def write_dataset(folder: Path, records: list, name: str = "ds", meta: dict | None = None, **entry) -> Path:
     """A meta JSON (`meta`'s entries + this one) for a JSONL of `records`: dicts, or raw bytes lines as they are."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -142,7 +211,17 @@ def hostile_line(tmp_path: Path, kind: str):
         (tmp_path / "x.jpg").write_text("not an image")
     if kind == "bomb":
         (tmp_path / "bomb.png").write_bytes(png_header(100_000, 100_000))
+    if kind in ("truncated-video", "corrupt-video", "clip-outside"):
+        video = write_video(tmp_path / "ok.mp4").read_bytes()  # 20 frames at 10 fps: 2 s
+        (tmp_path / "cut.mp4").write_bytes(video[: len(video) // 2])
+        (tmp_path / "garbled.mp4").write_bytes(bytes(range(256)) + video[256:])
+    if kind == "text-video":
+        (tmp_path / "notes.mp4").write_text("not a video\n")
+    if kind == "empty-folder":
+        (tmp_path / "no_frames").mkdir(exist_ok=True)
+        (tmp_path / "no_frames" / "notes.txt").write_text("not a frame")
     write_image(tmp_path / "ok.png", TILE, TILE)
+    question = chat("<video>\nWhat happens?", "Colours change.")
     return {
         "malformed": b'{"conversations": [',
         "not-utf8": b'{"conversations": [{"from": "human", "value": "caf\xe9"}]}',
@@ -155,4 +234,11 @@ def hostile_line(tmp_path: Path, kind: str):
         "text-only-placeholder": {"conversations": chat("<image>What?", "Nothing.")},
         "roles": {"conversations": [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hi?"}]},
         "no-answer": {"conversations": [{"from": "human", "value": "Hi"}]},
+        "missing-video": {"video": "gone.mp4", "conversations": question},
+        "truncated-video": {"video": "cut.mp4", "conversations": question},  # its header, at the end, cut off
+        "corrupt-video": {"video": "garbled.mp4", "conversations": question},
+        "text-video": {"video": "notes.mp4", "conversations": question},
+        "empty-folder": {"video": "no_frames", "conversations": question},
+        "clip-outside": {"video": "ok.mp4", "clip": [1.5, 2.5], "conversations": question},
+        "two-videos": {"video": "ok.mp4", "conversations": chat("<video><video>What?", "Colours.")},
     }[kind]

@@ -4,6 +4,7 @@ import json
 import logging
 import time
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,19 @@ from internvl.data.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.errors import SampleError
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
-from tests.data.builders import GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
+from tests.data.builders import (
+    GOOD,
+    NUM_IMAGE_TOKEN,
+    TILE,
+    chat,
+    hostile_line,
+    tile_frames,
+    write_dataset,
+    write_frame_folder,
+    write_gif,
+    write_image,
+    write_video,
+)
 
 SETTINGS = dict(image_size=TILE, dynamic_image_size=True, use_thumbnail=True, max_dynamic_patch=6)
 
@@ -168,6 +181,118 @@ def test_data_augment_reencodes_tiles_reproducibly(tmp_path, chat_tokenizer):
     assert (first - plain).abs().mean() < 0.2  # JPEG at quality >= 75 stays close
 
 
+# --- videos -----------------------------------------------------------------------------------------------------
+
+VIDEO_QUESTION = chat("What happens?", "Colours change.")
+
+
+def frame_block(frame: int) -> str:
+    return f"Frame-{frame}: <img>" + IMG_CONTEXT_TOKEN * NUM_IMAGE_TOKEN + "</img>"
+
+
+@pytest.mark.parametrize("kind", ["mp4", "gif", "folder"])
+def test_a_video_becomes_frame_lines_of_one_tile_each_drawn_by_the_official_rule(tmp_path, chat_tokenizer, kind):
+    video = {"mp4": lambda: write_video(tmp_path / "v.mp4", size=(3 * TILE, TILE)),  # 3:1, and still one tile
+             "gif": lambda: write_gif(tmp_path / "v.gif"),
+             "folder": lambda: write_frame_folder(tmp_path / "frames", frames=20)}[kind]()
+    meta = write_dataset(tmp_path, [{"video": video.name, "conversations": VIDEO_QUESTION}] * 8)
+    dataset = make_dataset(meta, chat_tokenizer, min_num_frame=3, max_num_frame=6)  # dynamic tiling on
+    counts = set()
+    for sample in (dataset[i] for i in range(8)):
+        frames = tile_frames(sample["pixel_values"])
+        count = len(frames)
+        counts.add(count)
+        assert 3 <= count <= 6 and sample["pixel_values"].shape == (count, 3, TILE, TILE)
+        assert sample["image_flags"].tolist() == [1] * count
+        bounds = np.linspace(0, 20, count + 1).astype(int)
+        assert all(bounds[k] <= frame < bounds[k + 1] for k, frame in enumerate(frames))
+        prompt = "\n".join(frame_block(i) for i in range(1, count + 1)) + "\nWhat happens?<|im_end|>"
+        assert "<|im_start|>user\n" + prompt in chat_tokenizer.decode(sample["input_ids"])  # <video>\n prepended
+        assert image_tokens(chat_tokenizer, sample["input_ids"]) == count * NUM_IMAGE_TOKEN
+        assert learned_texts(chat_tokenizer, sample["labels"]) == ["Colours change.<|im_end|>"]
+    assert len(counts) > 1  # the count is drawn too
+
+
+def test_a_video_placeholder_in_the_text_becomes_the_frame_lines_there(tmp_path, chat_tokenizer):
+    write_video(tmp_path / "v.mp4")
+    record = {"video": "v.mp4", "conversations": chat("Look.\n<video>\nWhat happens?", "Colours change.")}
+    sample = make_dataset(write_dataset(tmp_path, [record]), chat_tokenizer, min_num_frame=2, max_num_frame=2)[0]
+    expected = "Look.\n" + frame_block(1) + "\n" + frame_block(2) + "\nWhat happens?"
+    assert expected in chat_tokenizer.decode(sample["input_ids"])
+
+
+def test_a_clip_draws_from_its_frames_only(tmp_path, chat_tokenizer):
+    write_video(tmp_path / "v.mp4")  # 20 frames at 10 fps
+    record = {"video": "v.mp4", "clip": [0.5, 1.0], "conversations": VIDEO_QUESTION}  # frames 5 to 9
+    dataset = make_dataset(write_dataset(tmp_path, [record] * 6), chat_tokenizer, min_num_frame=8, max_num_frame=8)
+    for i in range(6):
+        frames = tile_frames(dataset[i]["pixel_values"])
+        assert frames == [5, 6, 7, 8, 9, 9, 9, 9]  # five frames for eight: each once, then the last again
+
+
+def video_frames(dataset, indices) -> list[list[int]]:
+    return [tile_frames(dataset[i]["pixel_values"]) for i in indices]
+
+
+def test_frames_are_drawn_anew_per_epoch_and_repeat_and_the_same_for_the_same_seed(tmp_path, chat_tokenizer):
+    write_video(tmp_path / "v.mp4")
+    meta = write_dataset(tmp_path, [{"video": "v.mp4", "conversations": VIDEO_QUESTION}], repeat_time=3)
+
+    def dataset(seed: int, epoch: int) -> InternVLDataset:
+        made = make_dataset(meta, chat_tokenizer, min_num_frame=4, max_num_frame=8)
+        made.seed = seed
+        made.set_epoch(epoch)
+        return made
+
+    first = video_frames(dataset(seed=0, epoch=0), range(3))
+    assert first == video_frames(dataset(seed=0, epoch=0), range(3))  # reproducible: the same sample, epoch, seed
+    assert len({tuple(frames) for frames in first}) == 3  # each repeat of the line draws its own frames
+    assert video_frames(dataset(seed=0, epoch=1), range(3)) != first
+    assert video_frames(dataset(seed=1, epoch=0), range(3)) != first
+
+
+def test_the_epoch_reaches_dataloader_workers_already_started(tmp_path, chat_tokenizer):
+    write_video(tmp_path / "v.mp4")
+    meta = write_dataset(tmp_path, [{"video": "v.mp4", "conversations": VIDEO_QUESTION}] * 4)
+    dataset = make_dataset(meta, chat_tokenizer, min_num_frame=4, max_num_frame=8)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, persistent_workers=True,
+                        collate_fn=Collator(chat_tokenizer.pad_token_id))
+    epochs = []
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        epochs.append([tile_frames(batch["pixel_values"]) for batch in loader])
+    assert epochs[1] == video_frames(dataset, range(4)) != epochs[0]  # in-process draws of epoch 1
+
+
+def test_video_image_and_text_samples_share_one_batch(tmp_path, chat_tokenizer):
+    write_video(tmp_path / "v.mp4")
+    write_image(tmp_path / "a.png", 2 * TILE, TILE)  # (2, 1) + thumbnail
+    records = [{"video": "v.mp4", "conversations": VIDEO_QUESTION},
+               {"image": "a.png", "conversations": chat("<image>\nWhat is it?", "A line.")}, GOOD]
+    dataset = make_dataset(write_dataset(tmp_path, records), chat_tokenizer, min_num_frame=5, max_num_frame=5)
+    batch = next(iter(DataLoader(dataset, batch_size=3, collate_fn=Collator(chat_tokenizer.pad_token_id))))
+    assert batch["pixel_values"].shape == (5 + 3 + 1, 3, TILE, TILE)
+    assert batch["image_flags"].tolist() == [1] * 8 + [0]
+    answers = [learned_texts(chat_tokenizer, labels) for labels in batch["labels"]]
+    assert answers == [["Colours change.<|im_end|>"], ["A line.<|im_end|>"], ["Black and white.<|im_end|>"]]
+    assert [image_tokens(chat_tokenizer, ids) for ids in batch["input_ids"]] == [5 * NUM_IMAGE_TOKEN,
+                                                                                 3 * NUM_IMAGE_TOKEN, 0]
+
+
+def test_an_image_placeholder_on_a_video_line_is_a_mismatch(tmp_path, chat_tokenizer):
+    write_video(tmp_path / "v.mp4")
+    record = {"video": "v.mp4", "conversations": chat("<image>\nWhat happens?", "Colours change.")}
+    with pytest.raises(SampleError, match="ds.jsonl:1: image count mismatch: a video needs one <video> and no "
+                                          "<image>; found 1 and 1"):
+        make_dataset(write_dataset(tmp_path, [record]), chat_tokenizer)[0]
+
+
+def test_frame_counts_below_one_or_crossed_are_refused(chat_tokenizer):
+    for low, high in [(0, 4), (8, 4)]:
+        with pytest.raises(ValueError, match=f"--min_num_frame {low}, --max_num_frame {high}: a video needs"):
+            SampleBuilder(chat_tokenizer, "internvl2_5", NUM_IMAGE_TOKEN, min_num_frame=low, max_num_frame=high)
+
+
 def test_tokenizer_without_image_tokens_is_refused(tmp_path, model_dir):
     meta = write_dataset(tmp_path, [{"conversations": chat("q", "a")}])
     plain = PreTrainedTokenizerFast.from_pretrained(model_dir)  # not through load_tokenizer
@@ -197,6 +322,13 @@ def test_an_unknown_template_is_one_settings_error_not_a_bad_sample_per_line(tmp
         ("text-only-placeholder", "image count mismatch: 0 image(s) but 1 <image> placeholder(s)"),
         ("roles", "invalid conversation: turn 1: expected from='gpt', got 'human'"),
         ("no-answer", "invalid conversation: "),
+        ("missing-video", "missing video: {tmp}/gone.mp4"),
+        ("truncated-video", "unreadable video: {tmp}/cut.mp4: "),
+        ("corrupt-video", "unreadable video: {tmp}/garbled.mp4: Invalid data found when processing input"),
+        ("text-video", "unreadable video: {tmp}/notes.mp4: Invalid data found when processing input"),
+        ("empty-folder", "unreadable video: {tmp}/no_frames: a frame folder without image files"),
+        ("clip-outside", "clip outside video: [1.5, 2.5] s of {tmp}/ok.mp4, which has 20 frames at 10 fps (2 s)"),
+        ("two-videos", "image count mismatch: a video needs one <video> and no <image>; found 2 and 0"),
     ],
 )
 def test_each_bad_input_raises_a_sample_error_at_its_line(tmp_path, chat_tokenizer, kind, cause):
@@ -205,7 +337,7 @@ def test_each_bad_input_raises_a_sample_error_at_its_line(tmp_path, chat_tokeniz
     dataset[0]  # the good line before it loads
     with pytest.raises(SampleError) as error:
         dataset[1]
-    assert str(error.value).startswith(f"{tmp_path / 'ds.jsonl'}:2: {cause}")
+    assert str(error.value).startswith(f"{tmp_path / 'ds.jsonl'}:2: {cause.format(tmp=tmp_path)}")
 
 
 def test_a_sample_whose_images_do_not_fit_is_too_long(tmp_path, chat_tokenizer):

@@ -138,6 +138,20 @@ def test_image_paths_are_joined_to_the_root(image, expected):
 
 
 @pytest.mark.parametrize(
+    "fields, video, clip",
+    [
+        ({"video": "clips/v.mp4"}, "root/clips/v.mp4", None),
+        ({"video": "frames/", "clip": [0.5, 3]}, "root/frames/", (0.5, 3)),
+        ({"video": ""}, None, None),  # "" and null mean no video, as officially
+        ({"video": None, "clip": None}, None, None),
+    ],
+)
+def test_a_video_line_gives_its_path_joined_to_the_root_and_its_clip(fields, video, clip):
+    parsed = parse_record(json.dumps({**fields, "conversations": chat("q", "a")}).encode(), "f.jsonl", 7, "root")
+    assert (parsed.images, parsed.video, parsed.clip) == ((), video, clip)
+
+
+@pytest.mark.parametrize(
     "raw, message",
     [
         (b'{"conversations": [}', "f.jsonl:3: malformed JSON: Expecting value at column 20"),
@@ -146,7 +160,15 @@ def test_image_paths_are_joined_to_the_root(image, expected):
         (b'{"image": "a.jpg"}', "f.jsonl:3: invalid record: 'conversations' must be a non-empty list"),
         (b'{"conversations": [{"from": "human"}]}', "f.jsonl:3: invalid record: conversations[0] needs string"),
         (b'{"image": 3, "conversations": [{"from": "human", "value": "q"}]}', "f.jsonl:3: invalid record: 'image'"),
-        (b'{"video": "v.mp4", "conversations": []}', "f.jsonl:3: invalid record: video samples are not supported"),
+        (b'{"video": ["v.mp4"], "conversations": [{"from": "human", "value": "q"}]}',
+         "f.jsonl:3: invalid record: 'video' must be one path, on a line without 'image'"),
+        (b'{"video": "v.mp4", "image": "a.jpg", "conversations": [{"from": "human", "value": "q"}]}',
+         "f.jsonl:3: invalid record: 'video' must be one path, on a line without 'image'"),
+        *[(b'{"video": "v.mp4", "clip": %s, "conversations": [{"from": "human", "value": "q"}]}' % clip,
+           "f.jsonl:3: invalid record: 'clip' must be [start, end] in seconds, 0 <= start < end, beside a 'video'")
+          for clip in (b"[2, 1]", b"[-1, 1]", b"[0]", b'["0", "1"]', b"[true, 2]", b"3")],
+        (b'{"clip": [0, 1], "conversations": [{"from": "human", "value": "q"}]}',
+         "f.jsonl:3: invalid record: 'clip' must be [start, end] in seconds"),
     ],
 )
 def test_bad_lines_raise_located_sample_errors(raw, message):

@@ -11,7 +11,20 @@ import pytest
 from internvl.data.dataset import InternVLDataset, SampleBuilder
 from internvl.data.tokenizer import load_tokenizer
 from internvl.data.validate import add_subcommand, settings_from_config, validate_dataset
-from tests.data.builders import CONFIG, GOOD, NUM_IMAGE_TOKEN, TILE, chat, hostile_line, write_dataset, write_image
+from tests.data.builders import (
+    CONFIG,
+    GOOD,
+    NUM_IMAGE_TOKEN,
+    TILE,
+    chat,
+    corrupt_packets,
+    hostile_line,
+    write_dataset,
+    write_frame_folder,
+    write_gif,
+    write_image,
+    write_video,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -78,6 +91,62 @@ def test_validate_data_passes_a_clean_dataset(tmp_path, model_dir, capsys):
     args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir)])
     assert args.func(args) == 0
     assert capsys.readouterr().out == "checked 2 lines in 1 datasets: 0 problems\n"
+
+
+VIDEO_QUESTION = chat("<video>\nWhat happens?", "Colours change.")
+
+
+def test_validate_data_opens_and_probes_every_video(tmp_path, model_dir, capsys):
+    write_video(tmp_path / "v.mp4")
+    write_gif(tmp_path / "v.gif")
+    write_frame_folder(tmp_path / "frames")
+    good = [{"video": "v.mp4", "conversations": VIDEO_QUESTION},
+            {"video": "v.gif", "clip": [0.2, 1.5], "conversations": VIDEO_QUESTION},
+            {"video": "frames", "conversations": VIDEO_QUESTION}]
+    kinds = ["missing-video", "truncated-video", "corrupt-video", "text-video", "empty-folder", "clip-outside",
+             "two-videos"]
+    meta = write_dataset(tmp_path, good + [hostile_line(tmp_path, kind) for kind in kinds])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
+                  "--workers", "2"])
+    assert args.func(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    at = f"{tmp_path / 'ds.jsonl'}"
+    expected = [
+        f"{at}:4: missing video: {tmp_path / 'gone.mp4'}",
+        f"{at}:5: unreadable video: {tmp_path / 'cut.mp4'}: ",
+        f"{at}:6: unreadable video: {tmp_path / 'garbled.mp4'}: Invalid data found when processing input",
+        f"{at}:7: unreadable video: {tmp_path / 'notes.mp4'}: Invalid data found when processing input",
+        f"{at}:8: unreadable video: {tmp_path / 'no_frames'}: a frame folder without image files",
+        f"{at}:9: clip outside video: [1.5, 2.5] s of {tmp_path / 'ok.mp4'}, which has 20 frames at 10 fps (2 s)",
+        f"{at}:10: image count mismatch: a video needs one <video> and no <image>; found 2 and 0",
+    ]
+    assert len(lines) > len(expected) and all(line.startswith(want) for line, want in zip(lines, expected))
+    assert lines[len(expected)] == "checked 10 lines in 1 datasets: 7 problems"
+
+
+def test_a_video_is_probed_at_its_ends_not_decoded_through(tmp_path, model_dir, capsys):
+    # Frames 12 to 17 do not decode: training reads them only when it draws one, validation never.
+    corrupt_packets(write_video(tmp_path / "v.mp4", frames=30, keyframe_every=10), range(12, 18))
+    corrupt_packets(write_video(tmp_path / "tail.mp4", frames=30, keyframe_every=10), range(25, 30))
+    meta = write_dataset(tmp_path, [{"video": name, "conversations": VIDEO_QUESTION} for name in ("v.mp4", "tail.mp4")])
+    args = parse(["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir)])
+    assert args.func(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'ds.jsonl'}:2: unreadable video: {tmp_path / 'tail.mp4'}: ")
+    assert lines[1] == "checked 2 lines in 1 datasets: 1 problems"
+
+
+def test_a_video_line_is_checked_at_its_most_frames(tmp_path, model_dir, capsys):
+    write_video(tmp_path / "v.mp4")
+    meta = write_dataset(tmp_path, [{"video": "v.mp4", "conversations": VIDEO_QUESTION}])
+    common = ["validate-data", "--meta_path", str(meta), "--model_name_or_path", str(model_dir),
+              "--max_seq_length", "300", "--min_num_frame", "2"]
+    fits = parse([*common, "--max_num_frame", "4"])  # 265 tokens, 16 of them image tokens
+    assert fits.func(fits) == 0
+    capsys.readouterr()
+    too_many = parse([*common, "--max_num_frame", "32"])  # 112 image tokens more
+    assert too_many.func(too_many) == 1
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'ds.jsonl'}:1: sample too long: ")
 
 
 def test_validate_data_names_a_model_folder_that_is_not_an_internvl_checkpoint(tmp_path):

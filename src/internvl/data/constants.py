@@ -16,6 +16,10 @@ BOX_END_TOKEN = "</box>"
 
 # The placeholder users write in conversations; replaced by an image block before tokenization.
 IMAGE_PLACEHOLDER = "<image>"
+# A video line's placeholder; replaced by one IMAGE_PLACEHOLDER per sampled frame.
+VIDEO_PLACEHOLDER = "<video>"
+# The official defaults of how many frames training draws from a video (--min_num_frame, --max_num_frame).
+MIN_NUM_FRAME, MAX_NUM_FRAME = 8, 32
 
 # Added to the tokenizer as special tokens, in the official trainer's order (so new ids match its checkpoints).
 SPECIAL_TOKENS = (

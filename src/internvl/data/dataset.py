@@ -1,12 +1,18 @@
 """The training dataset: records of the meta file's JSONL files -> image tiles + input ids and labels.
 
-It does what the official `LazySupervisedDataset` + `build_datasets` do, for images and text (no video); a
-`SampleBuilder` holds the settings and turns one record into one sample:
+It does what the official `LazySupervisedDataset` + `build_datasets` do; a `SampleBuilder` holds the settings and
+turns one record into one sample:
 - one image: `<image>` is put before the first human turn when the conversation has none; the image gets up to
   `max_dynamic_patch` tiles (a meta entry's own `max_dynamic_patch` wins);
 - n images: each gets `max(1, max_dynamic_patch // n)` tiles and the conversation must hold n `<image>`;
+- a video: `<video>` is put before the first human turn when missing; min_num_frame to max_num_frame frames are
+  drawn (`internvl.data.video`), each one tile, and `<video>` becomes `Frame-1: <image>\nFrame-2: <image>...`;
 - text only: one blank tile with image flag 0, which the model ignores;
 - `data_augment` entries re-encode each tile as a JPEG of random quality 75-100 first.
+
+The frames are drawn from a generator seeded by (seed, epoch, sample index): each epoch and each repeat of a line
+draws anew, and a run, resumed or run again, draws the same (officially: numpy's global generator, unseeded per
+worker). The JPEG quality comes from torch's seeded generator, as before.
 
 Unlike the official dataset, which prints a warning and returns a random other sample, a bad sample raises a
 SampleError naming its `FILE:LINE`. With `skip_bad_samples=True` it is logged, counted by cause and replaced by
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import accumulate
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -40,6 +47,9 @@ from internvl.data.constants import (
     IMG_CONTEXT_TOKEN,
     IMG_END_TOKEN,
     IMG_START_TOKEN,
+    MAX_NUM_FRAME,
+    MIN_NUM_FRAME,
+    VIDEO_PLACEHOLDER,
 )
 from internvl.data.errors import (
     CAUSES,
@@ -62,6 +72,7 @@ from internvl.data.tokenize import (
     preprocess,
     text_bytes,
 )
+from internvl.data.video import Video, clip_frames, frame_placeholders, open_video, random_frame_indices
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +94,14 @@ class SampleBuilder:
     max_seq_length: int | None = None  # None: tokenizer.model_max_length
     normalize_type: str = "imagenet"  # the mean and std of the tiles (NORMALIZATIONS)
     pad2square: bool = False  # without tiling, pad each image to a square of the mean colour (not when augmenting)
+    min_num_frame: int = MIN_NUM_FRAME  # fewest frames drawn from a video
+    max_num_frame: int = MAX_NUM_FRAME  # most frames drawn from a video
 
     def __post_init__(self):
         get_conv_template(self.template_name)  # an unknown name is one settings error, not a bad sample per line
+        if not 1 <= self.min_num_frame <= self.max_num_frame:
+            raise ValueError(f"--min_num_frame {self.min_num_frame}, --max_num_frame {self.max_num_frame}: a video "
+                             "needs 1 <= min_num_frame <= max_num_frame frames")
         for token in (IMG_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN):
             if self.tokenizer.convert_tokens_to_ids(token) in (None, self.tokenizer.unk_token_id):
                 raise ValueError(f"tokenizer has no {token} token; load it with internvl.data.tokenizer.load_tokenizer")
@@ -95,14 +111,17 @@ class SampleBuilder:
         """The most tokens a sample keeps."""
         return self.max_seq_length or self.tokenizer.model_max_length
 
-    def build(self, record: Record, max_dynamic_patch: int | None = None, augment: bool = False) -> dict:
+    def build(self, record: Record, max_dynamic_patch: int | None = None, augment: bool = False,
+              rng: np.random.Generator | None = None) -> dict:
         """The sample of a record: input_ids, labels, attention_mask [T]; pixel_values [tiles, 3, H, W]; image_flags;
         and "truncation" (a `Truncation`) when the length limit cut it.
 
-        `max_dynamic_patch` (the meta entry's) replaces the builder's. Raises SampleError located at the record.
+        `max_dynamic_patch` (the meta entry's) replaces the builder's. `rng` draws a video's frames (default: a
+        generator seeded by the record's line). Raises SampleError located at the record.
         """
         with _located(record):
-            conversations, images, budget = self._read(record, max_dynamic_patch)
+            rng = np.random.default_rng(record.line) if rng is None else rng
+            conversations, images, budget = self._read(record, max_dynamic_patch, rng)
             tiles = [self._tiles(image, budget, augment) for image in images]
             sample = self._tokenize(conversations, [len(image_tiles) for image_tiles in tiles])
         flat = [tile for image_tiles in tiles for tile in image_tiles]
@@ -118,36 +137,69 @@ class SampleBuilder:
 
     def check(self, record: Record, max_dynamic_patch: int | None = None) -> SampleError | None:
         """Everything `build` checks, without making pixels; raises the same located SampleError. Returns the
-        problem that training lives with, located: the sample's truncation (None: it fits)."""
+        problem that training lives with, located: the sample's truncation (None: it fits).
+
+        A video is probed, not read: opened and indexed, and decoded only where its clip starts and ends (so its
+        codec works and its end is there); its length is counted at max_num_frame frames, the most a draw gives.
+        """
         with _located(record):
-            conversations, images, budget = self._read(record, max_dynamic_patch)
-            sample = self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
+            if record.video is not None:
+                video, frames = self._video(record)
+                video.read([frames[0], frames[-1]])
+                sample = self._tokenize(self._conversations(record, self.max_num_frame), [1] * self.max_num_frame)
+            else:
+                conversations, images, budget = self._read(record, max_dynamic_patch, None)
+                sample = self._tokenize(conversations, [self._count_tiles(image, budget) for image in images])
         truncation = sample.get("truncation")
         return None if truncation is None else _truncation_problem(record, truncation)
 
-    def _read(self, record: Record, max_dynamic_patch: int | None) -> tuple[list, list[Image.Image], int]:
-        """The conversation with its placeholders, the decoded images and each image's tile budget."""
+    def _read(self, record: Record, max_dynamic_patch: int | None,
+              rng: np.random.Generator | None) -> tuple[list, list[Image.Image], int | None]:
+        """The conversation with its placeholders, the decoded images (a video's drawn frames) and each image's tile
+        budget (None: one tile each, as video frames always are)."""
+        if record.video is not None:
+            count = int(rng.integers(self.min_num_frame, self.max_num_frame + 1))
+            conversations = self._conversations(record, count)  # a wrong placeholder costs no decoding
+            video, frames = self._video(record)
+            return conversations, video.read(random_frame_indices(count, frames, rng)), None
         conversations = self._conversations(record)
         images = [open_image(path) for path in record.images]
         budget = tiles_per_image(max_dynamic_patch or self.max_dynamic_patch, max(len(images), 1))
         return conversations, images, budget
 
-    def _conversations(self, record: Record) -> list[dict[str, str]]:
-        """The turns with one `<image>` per image; a lone image's placeholder is added when missing."""
+    @staticmethod
+    def _video(record: Record) -> tuple[Video, range]:
+        """The record's video, opened and indexed, and the frames its clip covers."""
+        video = open_video(record.video)
+        return video, clip_frames(video, record.clip)
+
+    def _conversations(self, record: Record, frames: int = 0) -> list[dict[str, str]]:
+        """The turns with one `<image>` per image, or per frame of a video (its `<video>` expanded into `frames`
+        lines); a lone image's or a video's placeholder is added to the first human turn when missing."""
         conversations = [dict(turn) for turn in record.conversations]
-        placeholders = sum(turn["value"].count(IMAGE_PLACEHOLDER) for turn in conversations)
-        if len(record.images) == 1 and placeholders == 0:
+        placeholder, wanted = (VIDEO_PLACEHOLDER, 1) if record.video else (IMAGE_PLACEHOLDER, len(record.images))
+        placeholders = _count(conversations, placeholder)
+        if wanted == 1 and placeholders == 0:
             first_human = next((turn for turn in conversations if turn["from"] == "human"), None)
             if first_human is not None:
-                first_human["value"] = IMAGE_PLACEHOLDER + "\n" + first_human["value"]
+                first_human["value"] = placeholder + "\n" + first_human["value"]
                 placeholders = 1
-        if placeholders != len(record.images):
-            detail = f"{len(record.images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
+        if record.video is None:
+            if placeholders != wanted:
+                detail = f"{wanted} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
+                raise SampleError(IMAGE_COUNT_MISMATCH, detail)
+            return conversations
+        stray = _count(conversations, IMAGE_PLACEHOLDER)
+        if placeholders != 1 or stray:
+            detail = (f"a video needs one {VIDEO_PLACEHOLDER} and no {IMAGE_PLACEHOLDER}; found {placeholders} and "
+                      f"{stray}")
             raise SampleError(IMAGE_COUNT_MISMATCH, detail)
+        for turn in conversations:
+            turn["value"] = turn["value"].replace(VIDEO_PLACEHOLDER, frame_placeholders(frames))
         return conversations
 
-    def _tiles(self, image: Image.Image, budget: int, augment: bool) -> list[Image.Image]:
-        if not self.dynamic_image_size:
+    def _tiles(self, image: Image.Image, budget: int | None, augment: bool) -> list[Image.Image]:
+        if budget is None or not self.dynamic_image_size:
             # Officially the padding is in the evaluation transform only, which data_augment datasets do not use.
             return [expand_to_square(image, self.normalize_type) if self.pad2square and not augment else image]
         return dynamic_preprocess(image, self.min_dynamic_patch, budget, self.image_size, self.use_thumbnail)
@@ -196,6 +248,10 @@ class SampleBuilder:
         return sample
 
 
+def _count(conversations: list[dict[str, str]], placeholder: str) -> int:
+    return sum(turn["value"].count(placeholder) for turn in conversations)
+
+
 def _truncation_problem(record: Record, truncation: Truncation) -> SampleError:
     """A sample's truncation as a problem at its record's FILE:LINE."""
     return SampleError(SAMPLE_TRUNCATED, str(truncation), record.file, record.line)
@@ -214,8 +270,9 @@ def _per_cause(counts: dict[str, int]) -> str:
     return ", ".join(f"{cause}: {count}" for cause, count in counts.items())
 
 
-def _estimated_length(raw: bytes, image_tokens: int) -> int:
-    """A record line's length in tokens for grouping: its `length` field, else about 4 bytes of text a token."""
+def _estimated_length(raw: bytes, image_tokens: int, video_tokens: int) -> int:
+    """A record line's length in tokens for grouping: its `length` field, else about 4 bytes of text a token, plus
+    the image or video tokens."""
     try:
         record = json.loads(raw)
     except ValueError:  # a bad line: it fails when built, its length matters little
@@ -225,7 +282,7 @@ def _estimated_length(raw: bytes, image_tokens: int) -> int:
     if isinstance(record.get("length"), int):
         return record["length"]
     text = sum(len(str(turn.get("value", "")).encode()) for turn in record["conversations"] if isinstance(turn, dict))
-    return text // 4 + (image_tokens if record.get("image") else 0)
+    return text // 4 + (image_tokens if record.get("image") else video_tokens if record.get("video") else 0)
 
 
 def _jpeg_degrade(tile: Image.Image) -> Image.Image:
@@ -241,11 +298,15 @@ def _jpeg_degrade(tile: Image.Image) -> Image.Image:
 class InternVLDataset(Dataset):
     """Every dataset of a meta JSON as one map-style dataset, in meta order; items are ready for the Collator."""
 
-    def __init__(self, meta_path: str | os.PathLike, builder: SampleBuilder, skip_bad_samples: bool = False):
-        """Index the annotation files; a dataset that gives no sample is a ValueError, a wrong `length` a warning."""
+    def __init__(self, meta_path: str | os.PathLike, builder: SampleBuilder, skip_bad_samples: bool = False,
+                 seed: int = 0):
+        """Index the annotation files; a dataset that gives no sample is a ValueError, a wrong `length` a warning.
+        `seed` seeds the draws of video frames, with the epoch (`set_epoch`) and the sample's index."""
         self.meta_path = meta_path
         self.builder = builder
         self.skip_bad_samples = skip_bad_samples
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.long).share_memory_()  # shared: DataLoader workers see it change
         self.parts = [Annotations(spec) for spec in read_meta(meta_path)]
         for part in self.parts:
             for problem in part.problems(meta_path):
@@ -280,6 +341,10 @@ class InternVLDataset(Dataset):
                 logger.warning("skipping bad sample %s", error)
         raise self._nothing_to_train_on()
 
+    def set_epoch(self, epoch: int) -> None:
+        """Start drawing the frames of `epoch`, in this process and in DataLoader workers already started."""
+        self._epoch.fill_(epoch)
+
     def skip_report(self) -> dict[str, int]:
         """Samples not trained on as written so far (distinct annotation lines), per cause: the bad ones skipped, and
         the truncated ones (`sample truncated`); also logged as warnings."""
@@ -310,12 +375,15 @@ class InternVLDataset(Dataset):
     def lengths(self) -> list[int]:
         """Each sample's length in tokens, estimated for length-grouped batches (--group_by_length) without building
         any sample: a record's own `length` field where it has one (as officially), else its text's UTF-8 bytes / 4
-        plus, when it has images, the image tokens of a full tile budget. Reads every line once."""
+        plus, when it has images, the image tokens of a full tile budget, for a video those of max_num_frame frames.
+        Reads every line once."""
         builder = self.builder
         image_tokens = builder.num_image_token * (builder.max_dynamic_patch + int(builder.use_thumbnail))
+        video_tokens = builder.num_image_token * builder.max_num_frame
         lengths = []
         for part in self.parts:
-            distinct = [_estimated_length(part.index.read(line), image_tokens) for line in range(part.distinct)]
+            distinct = [_estimated_length(part.index.read(line), image_tokens, video_tokens)
+                        for line in range(part.distinct)]
             lengths += distinct * part.repeats
         return lengths
 
@@ -335,7 +403,8 @@ class InternVLDataset(Dataset):
         annotations = self.parts[part]
         spec = annotations.spec
         record = annotations.record(local)
-        sample = self.builder.build(record, spec.max_dynamic_patch, augment=spec.data_augment)
+        rng = np.random.default_rng([self.seed, int(self._epoch), index])
+        sample = self.builder.build(record, spec.max_dynamic_patch, augment=spec.data_augment, rng=rng)
         truncation = sample.pop("truncation", None)
         mark = self._mark_position(index)
         if truncation is not None and not self._truncated[mark]:

@@ -16,7 +16,10 @@ LENGTH_MISMATCH = "length mismatch"  # a meta entry's `length` is not the record
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"  # not an image, truncated or corrupt
 DECOMPRESSION_BOMB = "decompression bomb"
-IMAGE_COUNT_MISMATCH = "image count mismatch"  # number of <image> placeholders != number of images
+MISSING_VIDEO = "missing video"
+UNREADABLE_VIDEO = "unreadable video"  # not a video, truncated, corrupt, no video stream, a folder without frames
+CLIP_OUTSIDE_VIDEO = "clip outside video"  # a record's clip needs frames its video has not
+IMAGE_COUNT_MISMATCH = "image count mismatch"  # placeholders != images (<image>), or a video's <video> not one
 INVALID_CONVERSATION = "invalid conversation"  # roles out of order, empty turns, no answer at the end
 SAMPLE_TOO_LONG = "sample too long"  # refused: cut through an image, no answer left, or far over the limit
 SAMPLE_TRUNCATED = "sample truncated"  # over the length limit: trained on its first tokens only
@@ -32,6 +35,9 @@ CAUSES = (
     MISSING_IMAGE,
     UNREADABLE_IMAGE,
     DECOMPRESSION_BOMB,
+    MISSING_VIDEO,
+    UNREADABLE_VIDEO,
+    CLIP_OUTSIDE_VIDEO,
     IMAGE_COUNT_MISMATCH,
     INVALID_CONVERSATION,
     SAMPLE_TOO_LONG,

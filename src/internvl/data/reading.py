@@ -3,8 +3,10 @@
 The meta JSON maps dataset names to `{root, annotation, data_augment, repeat_time, max_dynamic_patch?, length}`.
 Each annotation line is one record: `{"image": "rel/path" | ["rel/path", ...] (absent: text only),
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`, its image
-paths relative to `root`. Paths in the meta file are used as written (relative ones from the working directory),
-as the official trainer does. A meta file must name at least one dataset, each name once.
+paths relative to `root`; a video line has `"video": "rel/path"` (a video file or a folder of frames) instead of
+images, an optional `"clip": [start, end]` in seconds, and `<video>` where the frames go. Paths in the meta file
+are used as written (relative ones from the working directory), as the official trainer does. A meta file must
+name at least one dataset, each name once.
 
 Annotation files are read lazily: one pass records where each line starts, and a record is read with one seek
 when it is needed, so a file of millions of lines costs 16 bytes a line in memory. Blank lines are not records.
@@ -148,12 +150,15 @@ class LineIndex:
 
 @dataclass(frozen=True)
 class Record:
-    """One annotation line, parsed: where it is, its images (paths joined to the root) and its conversation."""
+    """One annotation line, parsed: where it is, its images or video (paths joined to the root) and its
+    conversation."""
 
     file: str
     line: int
     images: tuple[str, ...]
     conversations: list[dict[str, str]]
+    video: str | None = None
+    clip: tuple[float, float] | None = None  # the part of the video to use, in seconds
 
 
 def parse_record(raw: bytes, file: str, line: int, root: str) -> Record:
@@ -166,8 +171,6 @@ def parse_record(raw: bytes, file: str, line: int, root: str) -> Record:
         raise SampleError(MALFORMED_JSON, f"{error.msg} at column {error.colno}", file, line) from None
     if not isinstance(data, dict):
         raise SampleError(INVALID_RECORD, f"expected a JSON object, got {type(data).__name__}", file, line)
-    if data.get("video"):
-        raise SampleError(INVALID_RECORD, "video samples are not supported", file, line)
     conversations = data.get("conversations")
     if not isinstance(conversations, list) or not conversations:
         raise SampleError(INVALID_RECORD, "'conversations' must be a non-empty list", file, line)
@@ -178,7 +181,22 @@ def parse_record(raw: bytes, file: str, line: int, root: str) -> Record:
     paths = (image,) if isinstance(image, str) else image
     if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) and p for p in paths):
         raise SampleError(INVALID_RECORD, "'image' must be a path or a list of paths", file, line)
-    return Record(file, line, tuple(os.path.join(root, p) for p in paths), conversations)
+    video = data.get("video") or None  # absent, null and "" mean no video, as officially
+    if video is not None and (not isinstance(video, str) or paths):
+        # Officially a line with both is read as an image line: its video would be dropped without a word.
+        raise SampleError(INVALID_RECORD, "'video' must be one path, on a line without 'image'", file, line)
+    clip = data.get("clip")
+    if clip is not None and not (video is not None and _is_clip(clip)):
+        raise SampleError(INVALID_RECORD, "'clip' must be [start, end] in seconds, 0 <= start < end, beside a "
+                                          "'video'", file, line)
+    return Record(file, line, tuple(os.path.join(root, p) for p in paths), conversations,
+                  None if video is None else os.path.join(root, video), None if clip is None else tuple(clip))
+
+
+def _is_clip(clip: object) -> bool:
+    """Whether a record's "clip" is [start, end] seconds of a video."""
+    return (isinstance(clip, list) and len(clip) == 2
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in clip) and 0 <= clip[0] < clip[1])
 
 
 class Annotations:

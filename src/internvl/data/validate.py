@@ -1,8 +1,9 @@
-"""Check a whole training set before training: every line of every JSONL, every image, every tokenization.
+"""Check a whole training set before training: every line of every JSONL, every image and video, every tokenization.
 
 `validate_dataset` runs each record through the same checks as the training dataset (`SampleBuilder.check`:
-parse, placeholders, full image decode with the decompression-bomb guard, tile count, template tokenization,
-length), in parallel processes, and reports each problem as `FILE:LINE: cause: detail`. Unlike training, it
+parse, placeholders, full image decode with the decompression-bomb guard, tile count, each video opened, indexed
+and decoded where its clip starts and ends, template tokenization, length), in parallel processes, and reports
+each problem as `FILE:LINE: cause: detail`. Unlike training, it
 reads every line of the annotation files, including those a repeat_time < 1 leaves out. A meta entry's own
 problems (no records, a repeat_time keeping none, a wrong `length`) are lines at the meta file, `META: cause: ...`.
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from internvl import checkpoint
+from internvl.data.constants import MAX_NUM_FRAME, MIN_NUM_FRAME
 from internvl.data.errors import MISSING_ANNOTATION, SampleError
 from internvl.data.reading import Annotations, DatasetSpec, LineIndex, iter_lines, parse_record, read_meta
 
@@ -193,7 +195,8 @@ def run(args: argparse.Namespace) -> int:
     from internvl.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.model_name_or_path, args.max_seq_length)
-    builder = SampleBuilder(tokenizer, max_seq_length=args.max_seq_length, **settings_from_config(config))
+    builder = SampleBuilder(tokenizer, max_seq_length=args.max_seq_length, min_num_frame=args.min_num_frame,
+                            max_num_frame=args.max_num_frame, **settings_from_config(config))
     report = validate_dataset(args.meta_path, builder, workers=args.workers, on_problem=print)
     print(report.summary())
     return 0 if report.ok else 1
@@ -206,6 +209,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint folder: config.json gives template and image settings, plus its tokenizer")
     parser.add_argument("--max_seq_length", type=int, default=DEFAULT_MAX_SEQ_LENGTH, metavar="N",
                         help=f"longest sample in tokens, images included (default {DEFAULT_MAX_SEQ_LENGTH})")
+    parser.add_argument("--min_num_frame", type=int, default=MIN_NUM_FRAME, metavar="N",
+                        help=f"fewest frames drawn from a video (default {MIN_NUM_FRAME})")
+    parser.add_argument("--max_num_frame", type=int, default=MAX_NUM_FRAME, metavar="N",
+                        help=f"most frames drawn from a video: its length is checked at that many (default "
+                             f"{MAX_NUM_FRAME})")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="processes reading and checking (default: one per CPU)")
 

@@ -22,6 +22,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from internvl.data.constants import MAX_NUM_FRAME, MIN_NUM_FRAME
 from internvl.data.templates import TEMPLATE_NAMES
 from internvl.train.deepspeed_config import resolve_deepspeed_argument
 
@@ -112,7 +113,8 @@ class ModelArguments:
 
 
 # Data arguments that count something, and what they count: below 1 they mean nothing.
-POSITIVE_DATA_ARGUMENTS = {"max_seq_length": "tokens", "force_image_size": "pixels", "min_dynamic_patch": "tiles"}
+POSITIVE_DATA_ARGUMENTS = {"max_seq_length": "tokens", "force_image_size": "pixels", "min_dynamic_patch": "tiles",
+                           "min_num_frame": "frames"}
 
 
 @dataclass
@@ -160,8 +162,8 @@ class DataArguments:
         default=False, metadata={"help": "Official (InternVL3.5) name: each rank holds only its share of the "
                                          "annotation lines. Here they are read lazily (16 bytes a line) anyway."}
     )
-    min_num_frame: int = field(default=8, metadata={"help": "Fewest frames sampled from a video."})
-    max_num_frame: int = field(default=32, metadata={"help": "Most frames sampled from a video."})
+    min_num_frame: int = field(default=MIN_NUM_FRAME, metadata={"help": "Fewest frames sampled from a video."})
+    max_num_frame: int = field(default=MAX_NUM_FRAME, metadata={"help": "Most frames sampled from a video."})
     use_packed_ds: bool = field(
         default=False, metadata={"help": "Pack samples into rows of --max_packed_tokens (not built yet)."}
     )
@@ -201,6 +203,9 @@ class DataArguments:
         if None not in (self.min_dynamic_patch, self.max_dynamic_patch) and self.max_dynamic_patch < self.min_dynamic_patch:
             raise ValueError(f"--max_dynamic_patch {self.max_dynamic_patch}: must be at least --min_dynamic_patch "
                              f"({self.min_dynamic_patch})")
+        if self.max_num_frame < self.min_num_frame:
+            raise ValueError(f"--max_num_frame {self.max_num_frame}: must be at least --min_num_frame "
+                             f"({self.min_num_frame})")
         if self.down_sample_ratio is not None and not 0 < self.down_sample_ratio <= 1:
             raise ValueError(f"--down_sample_ratio {self.down_sample_ratio}: must be in (0, 1], the factor by which "
                              "pixel shuffle shrinks each side of the ViT's feature map (officially 0.5)")

@@ -425,6 +425,17 @@ class FinishedRunGuard(TrainerCallback):
             )
 
 
+class DatasetEpoch(TrainerCallback):
+    """Tell the dataset each epoch as it begins (before its DataLoader iterator starts), so that its video frames
+    are drawn anew every epoch, and a resumed run draws what the uninterrupted one did."""
+
+    def __init__(self, dataset: InternVLDataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch))  # resumed mid-epoch, state.epoch is that epoch and a fraction
+
+
 def finished_state(output_dir: str | os.PathLike) -> TrainerState | None:
     """The final state of the run that finished in `output_dir`, or None when none did."""
     path = Path(output_dir) / FINISHED_STATE
@@ -570,8 +581,11 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         max_seq_length=data_args.max_seq_length,
         normalize_type=data_args.normalize_type,
         pad2square=data_args.pad2square,
+        min_num_frame=data_args.min_num_frame,
+        max_num_frame=data_args.max_num_frame,
     )
-    train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples)
+    train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples,
+                                    seed=training_args.seed)
     eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
@@ -588,7 +602,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
-        callbacks=[FinishedRunGuard(training_args.output_dir, finished), *(callbacks or [])],
+        callbacks=[FinishedRunGuard(training_args.output_dir, finished), DatasetEpoch(train_dataset),
+                   *(callbacks or [])],
     )
     check_sharding(trainer, model_args)
     fast = FastPathCallback(trainer, model, model_args)
