@@ -200,7 +200,8 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name} {value}: must be a positive number of {unit}")
-        if None not in (self.min_dynamic_patch, self.max_dynamic_patch) and self.max_dynamic_patch < self.min_dynamic_patch:
+        tiles = (self.min_dynamic_patch, self.max_dynamic_patch)
+        if None not in tiles and self.max_dynamic_patch < self.min_dynamic_patch:
             raise ValueError(f"--max_dynamic_patch {self.max_dynamic_patch}: must be at least --min_dynamic_patch "
                              f"({self.min_dynamic_patch})")
         if self.max_num_frame < self.min_num_frame:

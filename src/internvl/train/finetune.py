@@ -285,7 +285,8 @@ def resume_checkpoint(training_args: TrainingArguments, base_config: dict, model
     output_dir = training_args.output_dir
     if resume is None and os.path.isdir(output_dir) and not model_args.overwrite_output_dir:
         resume = get_last_checkpoint(output_dir)
-        if resume is None and model_args.overwrite_output_dir is False and set(os.listdir(output_dir)) - _NO_TRAINING_STATE:
+        holds_something = bool(set(os.listdir(output_dir)) - _NO_TRAINING_STATE)
+        if resume is None and model_args.overwrite_output_dir is False and holds_something:
             raise ValueError(f"--output_dir {output_dir}: already exists and is not empty, and holds no checkpoint to "
                              "resume from; pass --overwrite_output_dir True to train afresh in it, or another folder")
         if resume is not None and training_args.process_index == 0:
