@@ -56,50 +56,75 @@ def browser():
     driver.quit()
 
 
-def expected_answers(demo_run, image) -> list[str]:
-    """What `chat` answers with the base and with the adapter, as the page asks (greedy, 8 new tokens)."""
+def chat_answers(demo_run, question: str, image=None, video=None) -> list[str]:
+    """What `chat` answers with the base and with the adapter, as the page asks (greedy, 8 new tokens): about an
+    image tiled as the model serves, or a video's middle frames (4) named before the question, as `chat --video`."""
+    from internvl.data.video import load_video, video_prefix
     from internvl.inference import load_for_inference
     from internvl.train.outputs import ServingSettings
 
-    with Image.open(image) as picture:
-        picture = picture.convert("RGB")
     answers = []
     for adapter in (None, demo_run.out / "adapter"):
         loaded = load_for_inference(demo_run.out / "base", adapter)
-        tiles = ServingSettings.from_model(loaded.model).image_tiles(picture)
-        answers.append(loaded.model.chat(loaded.tokenizer, tiles, QUESTION, dict(max_new_tokens=8, do_sample=False)))
+        asked, counts = question, None
+        if image is not None:
+            with Image.open(image) as picture:
+                tiles = ServingSettings.from_model(loaded.model).image_tiles(picture.convert("RGB"))
+        else:
+            tiles, counts = load_video(video, 4, input_size=loaded.model.config.image_size)
+            asked = video_prefix(len(counts)) + question
+        answers.append(loaded.model.chat(loaded.tokenizer, tiles, asked, dict(max_new_tokens=8, do_sample=False),
+                                         num_patches_list=counts))
     return answers
+
+
+def ask_every_model(browser, file, question: str, **settings: str) -> list[str]:
+    """Upload `file`, ask `question` with the page's settings changed as given (field id: value), and wait for
+    every column's answer."""
+    wait = WebDriverWait(browser, 120)
+    wait.until(lambda driver: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    browser.find_element(By.ID, "image").send_keys(str(file))
+    preview = "preview-video" if file.suffix == ".mp4" else "preview"
+    wait.until(lambda driver: (driver.find_element(By.ID, preview).get_attribute("src") or "").startswith("data:"))
+    browser.find_element(By.ID, "question").send_keys(question)
+    for field, value in settings.items():
+        browser.find_element(By.ID, field).clear()
+        browser.find_element(By.ID, field).send_keys(value)
+    browser.find_element(By.ID, "ask").click()
+    boxes = browser.find_elements(By.CSS_SELECTOR, ".answer")
+    wait.until(lambda driver: all(box.get_attribute("data-state") == "done" for box in boxes))
+    return [box.text for box in boxes]
 
 
 def test_the_page_shows_the_base_s_and_the_adapter_s_answers_side_by_side(page, browser, demo_run, tmp_path):
     held_out = demo_run.out / "data" / "held_out"
     image = held_out / json.loads((held_out / "data.jsonl").read_text().splitlines()[0])["image"]
     browser.get(page)
-    wait = WebDriverWait(browser, 120)
-    wait.until(lambda driver: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    WebDriverWait(browser, 120).until(
+        lambda driver: driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
     headers = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".column h2")]
     who = [element.text for element in browser.find_elements(By.CSS_SELECTOR, ".column .who")]
     assert headers == ["base model", "adapter"]
     name = demo_run.out.name
     assert who == [f"{name}/base", f"{name}/adapter on {name}/base"]
 
-    browser.find_element(By.ID, "image").send_keys(str(image))
-    wait.until(lambda driver: driver.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png"))
-    browser.find_element(By.ID, "question").send_keys(QUESTION)
-    tokens = browser.find_element(By.ID, "max_new_tokens")
-    tokens.clear()
-    tokens.send_keys("8")
-    browser.find_element(By.ID, "ask").click()
-    boxes = browser.find_elements(By.CSS_SELECTOR, ".answer")
-    wait.until(lambda driver: all(box.get_attribute("data-state") == "done" for box in boxes))
-    answers = [box.text for box in boxes]
-    assert answers == expected_answers(demo_run, image)
+    answers = ask_every_model(browser, image, QUESTION, max_new_tokens="8")
+    assert answers == chat_answers(demo_run, QUESTION, image=image)
     assert answers[0] in COLOURS and answers[1] in FRENCH.values()  # the base answers in English, the adapter in French
 
     screenshot = os.environ.get("INTERNVL_UI_SCREENSHOT") or str(tmp_path / "ui.png")
     assert browser.save_screenshot(screenshot)
     viewport = browser.execute_script("return [window.innerWidth, window.innerHeight]")
     assert list(Image.open(screenshot).size) == viewport
+
+
+def test_a_video_is_asked_about_as_chat_video_asks(page, browser, demo_run, tmp_path):
+    from tests.data.builders import write_video
+
+    video = write_video(tmp_path / "clip.mp4", frames=12, size=(56, 56))
+    browser.get(page)
+    answers = ask_every_model(browser, video, "What happens?", max_new_tokens="8", num_segments="4")
+    assert answers == chat_answers(demo_run, "What happens?", video=video)
 
 
 def test_the_training_tab_shows_the_adapter_s_run(page, browser, demo_run):

@@ -47,8 +47,8 @@ def load_for_inference(base: str | os.PathLike, adapter: str | os.PathLike | Non
     return LoadedModel(name, model, tokenizer, str(base), None if adapter is None else str(adapter))
 
 
-def stream_chat(loaded: LoadedModel, pixel_values: torch.Tensor | None, question: str,
-                generation_config: dict) -> Iterator[str]:
+def stream_chat(loaded: LoadedModel, pixel_values: torch.Tensor | None, question: str, generation_config: dict,
+                num_patches_list: list[int] | None = None) -> Iterator[str]:
     """`model.chat`'s answer as it grows: the text so far after each new piece, and last the answer `chat`
     returns (stripped, cut at the end-of-turn token). Generation runs in a thread; its error is raised here."""
     streamer = TextIteratorStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -57,7 +57,8 @@ def stream_chat(loaded: LoadedModel, pixel_values: torch.Tensor | None, question
     def answer() -> None:
         try:
             outcome["answer"] = loaded.model.chat(loaded.tokenizer, pixel_values, question,
-                                                  {**generation_config, "streamer": streamer})
+                                                  {**generation_config, "streamer": streamer},
+                                                  num_patches_list=num_patches_list)
         except BaseException as error:  # noqa: BLE001 - handed to the caller's thread, raised there
             outcome["error"] = error
             streamer.end()

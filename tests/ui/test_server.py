@@ -64,6 +64,24 @@ def test_an_answer_streams_as_it_grows_and_ends_with_chat_s_answer(server, token
     assert model.img_context_token_id == tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
 
 
+def test_a_video_is_asked_about_as_chat_video_asks(server, tokenizer, tmp_path):
+    from internvl.data.video import load_video, video_prefix
+
+    url, model, image = server
+    gif = tmp_path / "clip.gif"
+    with Image.open(image) as frame:
+        frames = [frame.convert("RGB").rotate(angle) for angle in (0, 90, 180, 270)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
+    request = {"model": 0, "question": "What happens?", "image": None, "num_segments": 4, **GREEDY,
+               "video": "data:image/gif;base64," + base64.b64encode(gif.read_bytes()).decode()}
+    status, events = post(url, request)
+    assert status == 200
+    pixel_values, counts = load_video(gif, 4, input_size=model.config.image_size)
+    expected = model.chat(tokenizer, pixel_values, video_prefix(4) + "What happens?",
+                          dict(max_new_tokens=6, do_sample=False), num_patches_list=counts)
+    assert events[-1]["answer"] == expected and counts == [1, 1, 1, 1]
+
+
 def test_a_question_without_an_image_is_answered_too(server):
     url, _, _ = server
     status, events = post(url, {"model": 0, "question": "Colour of a banana?", "image": None, **GREEDY})
@@ -79,6 +97,9 @@ def test_a_question_without_an_image_is_answered_too(server):
         ({"image": "/etc/passwd"}, "image: expected a base64 data URL"),
         ({"temperature": 9}, "temperature 9.0: must be within 0-5"),
         ({"max_new_tokens": 0}, "max_new_tokens 0: must be within 1-4096"),
+        ({"video": "data:video/mp4;base64,AAAA"}, "an image and a video: ask about one of them"),
+        ({"image": None, "video": "data:video/mp4;base64,AAAA"}, "unreadable video"),
+        ({"image": None, "video": "data:video/mp4;base64,AAAA", "num_segments": 0}, "num_segments 0: must be"),
     ],
 )
 def test_a_bad_request_is_refused_with_what_is_wrong(server, change, error):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from transformers import set_seed
 
 from internvl.data.collate import pad_batch
-from internvl.data.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
+from internvl.data.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, VIDEO_PLACEHOLDER
 from internvl.data.dataset import SampleBuilder
 from internvl.data.reading import Annotations, read_meta
 from internvl.data.templates import get_conv_template
@@ -143,8 +143,8 @@ def _generate(model: InternVLChatModel, tokenizer, prompts: list[torch.Tensor], 
 
 
 def _question(conversations: list[dict[str, str]]) -> str:
-    """The last question, as a reader wants it: without the image placeholder."""
-    return conversations[-2]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+    """The last question, as a reader wants it: without the image or video placeholder."""
+    return conversations[-2]["value"].replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "").strip()
 
 
 def _evaluate_batch(model: InternVLChatModel, tokenizer, builder: SampleBuilder, group: list[tuple[Annotations, int]],

@@ -4,9 +4,10 @@ A standard-library threaded HTTP server (no web framework to install) serves one
 
     GET  /                            the page (`page.html`)
     GET  /api/models                  who answers: index, name, base, adapter
-    POST /api/answer                  {"model", "question", "image" (a data URL, or null), "max_new_tokens",
-                                      "temperature" (0: greedy), "top_p"} -> server-sent events: {"text"} as the
-                                      answer grows, then {"answer", "seconds"}, or {"error"}
+    POST /api/answer                  {"model", "question", "image" or "video" (a data URL, or null),
+                                      "num_segments" (a video's frames), "max_new_tokens", "temperature" (0:
+                                      greedy), "top_p"} -> server-sent events: {"text"} as the answer grows, then
+                                      {"answer", "seconds"}, or {"error"}
     GET  /api/runs/I                  the training view of model I's adapter folder (`runs.training_view`)
     GET  /api/runs/I/loss_curve.png   its loss curve
 
@@ -23,7 +24,9 @@ import io
 import json
 import os
 import re
+import tempfile
 import time
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlparse
@@ -31,13 +34,14 @@ from urllib.parse import urlparse
 import torch
 from PIL import Image
 
+from internvl.data.video import load_video, video_prefix
 from internvl.inference import LoadedModel, load_for_inference, stream_chat
 from internvl.train.outputs import ServingSettings
 from internvl.ui import DEFAULT_HOST, DEFAULT_PORT
 from internvl.ui.runs import LOSS_CURVE, training_view
 
 PAGE = Path(__file__).with_name("page.html")
-MAX_REQUEST_BYTES = 32 * 2**20  # an uploaded photo, base64-encoded, with room to spare
+MAX_REQUEST_BYTES = 256 * 2**20  # an uploaded photo or a short video, base64-encoded, with room to spare
 
 
 def generation_config(request: dict) -> dict:
@@ -56,20 +60,39 @@ def generation_config(request: dict) -> dict:
     return dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p)
 
 
-def decode_image(data_url: str) -> Image.Image:
-    """The RGB image of a base64 data URL (what the page's file reader gives)."""
+def _data(data_url: str, kind: str) -> bytes:
+    """The bytes of a base64 data URL (what the page's file reader gives)."""
     header, _, payload = data_url.partition(",")
     if not (header.startswith("data:") and header.endswith(";base64")):
-        raise ValueError("image: expected a base64 data URL")
+        raise ValueError(f"{kind}: expected a base64 data URL")
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except binascii.Error as error:
-        raise ValueError(f"image: not base64: {error}") from None
+        raise ValueError(f"{kind}: not base64: {error}") from None
+
+
+def decode_image(data_url: str) -> Image.Image:
+    """The RGB image of a data URL."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(_data(data_url, "image"))) as image:
             return image.convert("RGB")
     except (OSError, Image.DecompressionBombError) as error:  # OSError: no image PIL knows, or a truncated one
         raise ValueError(f"image: not an image file this server can read ({type(error).__name__})") from None
+
+
+def video_tiles(data_url: str, model, num_segments: int | None = None) -> tuple[torch.Tensor, list[int]]:
+    """A data URL's video as `chat --video` takes it: the middle frame of each of `num_segments` segments (None:
+    `load_video`'s default), tiled, and each frame's tile count. FFmpeg reads it from a temporary file (a
+    SampleError, a ValueError, when it cannot)."""
+    options = {}
+    if num_segments is not None:
+        if not 1 <= num_segments <= 64:
+            raise ValueError(f"num_segments {num_segments}: must be within 1-64")
+        options["num_segments"] = num_segments
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "upload"
+        path.write_bytes(_data(data_url, "video"))
+        return load_video(path, input_size=model.config.image_size, **options)
 
 
 def describe(index: int, loaded: LoadedModel) -> dict:
@@ -77,9 +100,20 @@ def describe(index: int, loaded: LoadedModel) -> dict:
     return {"index": index, "name": loaded.name, "base": loaded.base, "adapter": loaded.adapter}
 
 
-def read_question(request: dict, models: list[LoadedModel]) -> tuple[LoadedModel, str, torch.Tensor | None, dict]:
-    """The model an answer request names, its question, the image's tiles (None without one) and the generation
-    settings; ValueError saying what is wrong with the request."""
+@dataclass
+class Ask:
+    """An answer request, read: the model, the question (a video's frames named before it), the tiles of its image
+    or video frames (None: text only), each frame's tile count (None: an image), the generation settings."""
+
+    loaded: LoadedModel
+    question: str
+    pixel_values: torch.Tensor | None
+    num_patches_list: list[int] | None
+    config: dict
+
+
+def read_ask(request: dict, models: list[LoadedModel]) -> Ask:
+    """What an answer request asks; ValueError saying what is wrong with it."""
     try:
         loaded = models[int(request["model"])]
     except (KeyError, IndexError, TypeError, ValueError):
@@ -88,9 +122,15 @@ def read_question(request: dict, models: list[LoadedModel]) -> tuple[LoadedModel
     if not question:
         raise ValueError("ask a question")
     config = generation_config(request)
+    if request.get("image") and request.get("video"):
+        raise ValueError("an image and a video: ask about one of them")
+    if request.get("video"):
+        segments = request.get("num_segments")
+        pixel_values, frames = video_tiles(request["video"], loaded.model, None if segments is None else int(segments))
+        return Ask(loaded, video_prefix(len(frames)) + question, pixel_values, frames, config)
     image = decode_image(request["image"]) if request.get("image") else None
     pixel_values = None if image is None else ServingSettings.from_model(loaded.model).image_tiles(image)
-    return loaded, question, pixel_values, config
+    return Ask(loaded, question, pixel_values, None, config)
 
 
 class UIServer(ThreadingHTTPServer):
@@ -140,8 +180,8 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(self.rfile.read(length))
             if not isinstance(request, dict):
                 raise ValueError("expected a JSON object")
-            loaded, question, pixel_values, config = read_question(request, self.server.models)
-        except ValueError as error:  # json's errors are ValueErrors too
+            ask = read_ask(request, self.server.models)
+        except (ValueError, TypeError) as error:  # json's errors are ValueErrors; TypeError: a value of a wrong type
             self._json(400, {"error": str(error)})
             return
         self.send_response(200)
@@ -150,7 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         start, text = time.time(), ""
         try:
-            for text in stream_chat(loaded, pixel_values, question, config):
+            for text in stream_chat(ask.loaded, ask.pixel_values, ask.question, ask.config, ask.num_patches_list):
                 self._event({"text": text})
             self._event({"answer": text, "seconds": round(time.time() - start, 2)})
         except (BrokenPipeError, ConnectionResetError):  # the page went away
