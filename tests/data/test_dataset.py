@@ -470,3 +470,45 @@ def test_a_dataset_with_no_good_sample_is_one_user_error_even_when_skipping(tmp_
         assert type(error.value) is ValueError and str(error.value).rstrip().endswith(f"ValueError: {message}")
     else:
         assert type(error.value) is ValueError and str(error.value) == message
+
+
+def test_lengths_for_grouping_take_each_lines_length_field_else_estimate_from_its_text(tmp_path, chat_tokenizer):
+    answer = "red " * 40  # 160 bytes of text in the answer
+    records = [{"conversations": chat("Colour?", "red"), "length": 777},
+               {"conversations": chat("Colour?", answer)},
+               {"image": "a.png", "conversations": chat("Colour?", answer)}]
+    write_image(tmp_path / "a.png", 56, 56)
+    dataset = make_dataset(write_dataset(tmp_path, records, root=str(tmp_path), repeat_time=2), chat_tokenizer)
+    text = (len("Colour?") + len(answer)) // 4
+    image = NUM_IMAGE_TOKEN * (SETTINGS["max_dynamic_patch"] + int(SETTINGS["use_thumbnail"]))
+    assert dataset.lengths() == [777, text, text + image] * 2
+
+
+def test_pad2square_centres_an_image_on_the_mean_colour_unless_augmenting(tmp_path, chat_tokenizer):
+    from internvl.data.tiling import NORMALIZATIONS
+
+    Image.new("RGB", (56, 28), (255, 0, 0)).save(tmp_path / "wide.png")
+    records = [{"image": "wide.png", "conversations": chat("<image>\nColour?", "red")}]
+    meta = write_dataset(tmp_path, records, root=str(tmp_path))
+    padded = make_dataset(meta, chat_tokenizer, dynamic_image_size=False, pad2square=True)[0]["pixel_values"][0]
+    plain = make_dataset(meta, chat_tokenizer, dynamic_image_size=False)[0]["pixel_values"][0]
+    mean, std = (torch.tensor(values).view(3, 1) for values in NORMALIZATIONS["imagenet"])
+    background = (torch.tensor([int(v * 255) for v in NORMALIZATIONS["imagenet"][0]]).view(3, 1) / 255 - mean) / std
+    torch.testing.assert_close(padded[:, 0, :], background.expand(3, 56), atol=1e-6, rtol=0)  # the top row: padding
+    torch.testing.assert_close(plain[:, 0, :], ((torch.tensor([1.0, 0, 0]).view(3, 1) - mean) / std).expand(3, 56),
+                               atol=1e-6, rtol=0)
+    augmented = write_dataset(tmp_path / "aug", records, root=str(tmp_path), data_augment=True)
+    assert not torch.allclose(make_dataset(augmented, chat_tokenizer, dynamic_image_size=False, pad2square=True)[0][
+        "pixel_values"][0][:, 0, :], background.expand(3, 56), atol=0.05)
+
+
+@pytest.mark.parametrize("normalize_type", ["imagenet", "clip", "siglip"])
+def test_normalize_type_picks_the_official_mean_and_std(tmp_path, chat_tokenizer, normalize_type):
+    from internvl.data.tiling import NORMALIZATIONS
+
+    Image.new("RGB", (56, 56), (255, 255, 255)).save(tmp_path / "a.png")
+    meta = write_dataset(tmp_path, [{"image": "a.png", "conversations": chat("Colour?", "white")}],
+                         root=str(tmp_path))
+    tile = make_dataset(meta, chat_tokenizer, normalize_type=normalize_type)[0]["pixel_values"][0]
+    mean, std = NORMALIZATIONS[normalize_type]
+    assert tile[:, 0, 0].tolist() == pytest.approx([(1 - m) / s for m, s in zip(mean, std)], abs=1e-6)

@@ -261,17 +261,29 @@ def official_option_notes(model_args: ModelArguments, data_args: DataArguments) 
     return notes
 
 
+def _holder(model_args: ModelArguments, data_args: DataArguments, argument: str):
+    """The dataclass that holds `argument` (the model settings live in ModelArguments, the rest in DataArguments)."""
+    return model_args if hasattr(model_args, argument) else data_args
+
+
 def fill_unset(model_args: ModelArguments, data_args: DataArguments, values: dict) -> dict:
     """Set each argument of `values` (by name) that the command line left unset (None); returns what was set. An
     explicit flag wins, as officially."""
     taken = {}
     for argument, value in values.items():
-        args = model_args if hasattr(model_args, argument) else data_args
+        args = _holder(model_args, data_args, argument)
         if getattr(args, argument) is None:
             setattr(args, argument, value)
             taken[argument] = value
     data_args.check()
     return taken
+
+
+def chosen_settings(model_args: ModelArguments, data_args: DataArguments) -> dict:
+    """The value of each of `CHECKPOINT_SETTINGS`, keyed by its config field (as `ServingSettings` and
+    `InternVLChatConfig` name it)."""
+    return {field: getattr(_holder(model_args, data_args, argument), argument)
+            for argument, field in CHECKPOINT_SETTINGS.items()}
 
 
 def _read_config_file(path: str) -> dict:

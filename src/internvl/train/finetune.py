@@ -40,6 +40,7 @@ from internvl.train.args import (
     OFFICIAL_DEFAULTS,
     DataArguments,
     ModelArguments,
+    chosen_settings,
     fill_unset,
     official_option_notes,
 )
@@ -79,8 +80,7 @@ def prepare_model(
     the ViT checkpointing is non-reentrant so its LoRA gets gradients with a frozen backbone.
     """
     fill_unset(model_args, data_args, checkpoint_settings(model))
-    settings = {field: getattr(model_args if hasattr(model_args, argument) else data_args, argument)
-                for argument, field in CHECKPOINT_SETTINGS.items()}
+    settings = chosen_settings(model_args, data_args)
     outputs.ServingSettings(**settings, normalize_type=data_args.normalize_type).apply_to(model)
 
     if resize_embeddings_for_tokenizer(model.language_model, tokenizer):
@@ -224,14 +224,9 @@ def load_base_model(model_args: ModelArguments, data_args: DataArguments, dtype:
         raise ValueError("--model_name_or_path is required, or --vision_path and --llm_path to assemble a model from "
                          "its parts (or run `internvl-lora demo`)")
     fill_unset(model_args, data_args, OFFICIAL_DEFAULTS)
-    return assemble_model(
-        model_args.vision_path, model_args.llm_path, model_args.mlp_path, dtype, model_args.drop_path_rate,
-        template=data_args.conv_style, force_image_size=data_args.force_image_size,
-        downsample_ratio=data_args.down_sample_ratio, dynamic_image_size=data_args.dynamic_image_size,
-        use_thumbnail=data_args.use_thumbnail, min_dynamic_patch=data_args.min_dynamic_patch,
-        max_dynamic_patch=data_args.max_dynamic_patch, ps_version=model_args.ps_version,
-        select_layer=model_args.vision_select_layer, pad2square=data_args.pad2square,
-    )
+    return assemble_model(model_args.vision_path, model_args.llm_path, model_args.mlp_path, dtype,
+                          model_args.drop_path_rate, **chosen_settings(model_args, data_args),
+                          pad2square=data_args.pad2square)
 
 
 def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
@@ -285,8 +280,8 @@ def resume_checkpoint(training_args: TrainingArguments, base_config: dict, model
     output_dir = training_args.output_dir
     if resume is None and os.path.isdir(output_dir) and not model_args.overwrite_output_dir:
         resume = get_last_checkpoint(output_dir)
-        holds_something = bool(set(os.listdir(output_dir)) - _NO_TRAINING_STATE)
-        if resume is None and model_args.overwrite_output_dir is False and holds_something:
+        holds_state = resume is None and bool(set(os.listdir(output_dir)) - _NO_TRAINING_STATE)
+        if holds_state and model_args.overwrite_output_dir is False:
             raise ValueError(f"--output_dir {output_dir}: already exists and is not empty, and holds no checkpoint to "
                              "resume from; pass --overwrite_output_dir True to train afresh in it, or another folder")
         if resume is not None and training_args.process_index == 0:
@@ -327,7 +322,7 @@ def fast_path_off_reason(trainer: InternVLTrainer) -> str | None:
 
 class FastPathCallback(TrainerCallback):
     """Put the LLM's LoRA on the fused path once the engine has placed the model on its device (DeepSpeed does that
-    inside `train()`), and put PEFT's layers back when training ends.
+    inside `train()`); `restore()` puts PEFT's layers back (finetune calls it however training ends).
 
     `--recompute_mlp_only` (with `--grad_checkpoint`) then trades whole-layer checkpointing for recomputing only each
     MLP's gate and up outputs.
