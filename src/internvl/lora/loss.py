@@ -22,8 +22,9 @@ from internvl.lora.elementwise import compiled, scaled
 IGNORE_INDEX = -100
 
 
-def _cross_entropy_chunk(logit_parts, targets):
-    """Summed cross-entropy of logits given as column blocks, and its gradient (softmax - onehot) for each block.
+def _cross_entropy_chunk(logit_parts, targets, weights):
+    """Weighted summed cross-entropy of logits given as column blocks, and its gradient (softmax - onehot, times
+    each row's weight) for each block.
 
     The blocks stay in the GEMM's dtype; the arithmetic runs in float32 on the fly (one fused kernel on CUDA),
     so no float32 copy of the [rows, vocab] logits is ever made.
@@ -37,21 +38,22 @@ def _cross_entropy_chunk(logit_parts, targets):
         columns = torch.arange(start, start + part.shape[1], device=part.device)
         is_target = columns[None, :] == targets[:, None]  # [n, width]
         target_logit = target_logit + torch.where(is_target, part, 0.0).sum(-1)
-        grads.append((torch.exp(part - lse[:, None]) - is_target.float()).to(logit_parts[0].dtype))
+        grads.append(((torch.exp(part - lse[:, None]) - is_target.float()) * weights[:, None])
+                     .to(logit_parts[0].dtype))
         start += part.shape[1]
-    return (lse - target_logit).sum(), grads
+    return ((lse - target_logit) * weights).sum(), grads
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """Next-token cross-entropy of `hidden @ weight.T` without the full logits; gradient for hidden only.
 
     Arguments: hidden [N, H] and targets [N] (already shifted; IGNORE_INDEX skipped), the frozen head weight
-    [V, H], the divisor of the summed loss, and the rows per chunk. Saves the summed loss's gradient of hidden
-    ([N, H], hidden's dtype), so backward is one multiply.
+    [V, H], each target's loss weight [N] (float32), the divisor of the summed loss, and the rows per chunk. Saves
+    the summed loss's gradient of hidden ([N, H], hidden's dtype), so backward is one multiply.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, divisor, chunk_rows):
+    def forward(ctx, hidden, weight, targets, target_weights, divisor, chunk_rows):
         rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
@@ -63,7 +65,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk_rows):
             index = rows[start : start + chunk_rows]
             h = hidden[index]
-            chunk_sum, logit_grads = chunk_loss([h @ block.t() for block in blocks], targets[index])
+            chunk_sum, logit_grads = chunk_loss([h @ block.t() for block in blocks], targets[index],
+                                                target_weights[index])
             loss += chunk_sum
             if grad is not None:
                 grad_rows = logit_grads[0] @ blocks[0]
@@ -77,17 +80,25 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         (grad,) = ctx.saved_tensors
-        return compiled(scaled, grad)(grad, dloss.float() / ctx.divisor), None, None, None, None
+        return compiled(scaled, grad)(grad, dloss.float() / ctx.divisor), None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, chunk_elements=2**24):
+def linear_cross_entropy(hidden, weight, labels, num_items_in_batch=None, loss_weight=None, chunk_elements=2**24):
     """transformers' causal-LM loss (shift labels left, ignore -100, mean or sum / `num_items_in_batch`) of
-    `hidden @ weight.T`, computed `chunk_elements` logits at a time."""
+    `hidden @ weight.T`, computed `chunk_elements` logits at a time.
+
+    With `loss_weight` (per label, as `labels`) it is the weighted loss sum(w * ce) / sum(w) of the official
+    `loss_reduction`, the divisor being `num_items_in_batch` when given (the Trainer's sum of w over the step).
+    """
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1)  # [N]
     hidden2 = hidden.reshape(-1, hidden.shape[-1])
+    if loss_weight is None:
+        target_weights = (targets != IGNORE_INDEX).float()
+    else:
+        target_weights = F.pad(loss_weight.float(), (0, 1))[..., 1:].reshape(-1)
     if num_items_in_batch is None:
-        divisor = (targets != IGNORE_INDEX).sum().clamp(min=1).item()
+        divisor = target_weights.sum().item() or 1.0
     else:
         divisor = num_items_in_batch.item() if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     chunk_rows = max(1, chunk_elements // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden2, weight, targets, float(divisor), chunk_rows)
+    return LinearCrossEntropy.apply(hidden2, weight, targets, target_weights, float(divisor), chunk_rows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from internvl.archs import llm_arch, resolve
+from internvl.model.packed_attention import packed_implementation
 from internvl.model.vision import InternVisionConfig
 
 # Official configs name attention kernels (flash_attention_2, eager) that may not be installed here; the LLM
@@ -86,7 +87,9 @@ class InternVLChatConfig(PretrainedConfig):
             architectures = llm.get("architectures") or [None]
             config_class = resolve(llm_arch(architectures[0]).config_class)
             self.llm_config = config_class(**_current_rope_names(llm))
-        self.llm_config._attn_implementation = llm_arch(self.llm_config.architectures[0]).attn_implementation
+        # The architecture's kernel, with packed rows (`cu_seq_lens_q`) kept apart sample by sample.
+        self.llm_config._attn_implementation = packed_implementation(
+            llm_arch(self.llm_config.architectures[0]).attn_implementation)
         if ps_version not in ("v1", "v2"):
             raise ValueError(f"ps_version must be 'v1' or 'v2', got {ps_version!r}")
         self.use_backbone_lora = use_backbone_lora

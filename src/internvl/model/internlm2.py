@@ -13,7 +13,8 @@ are, and configs saved here load in the official code:
     model.layers.{i}.ffn_norm               post_attention_layernorm
     model.norm, output                      model.norm, lm_head
 
-Attention always runs through torch's scaled_dot_product_attention; the KV cache is transformers' `Cache`, so
+Attention always runs through torch's scaled_dot_product_attention, and packed rows (samples told apart by
+`cu_seq_lens_q`, or by positions restarting at 0) through `internvl.model.packed_attention`; the KV cache is transformers' `Cache`, so
 `generate` works, from `input_ids` or from `inputs_embeds` (as the InternVL chat model calls it).
 """
 
@@ -27,7 +28,10 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # InternLM2's RMSNorm, to the bit
+
+from internvl.model.packed_attention import cu_seqlens_from_positions, varlen_attention
 
 __all__ = [
     "InternLM2Config",
@@ -227,11 +231,13 @@ class InternLM2Attention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (batch, seq, hidden) -> (batch, seq, hidden).
 
         attention_mask: None for plain causal attention, else boolean (batch, 1, seq, keys), True where a query
         may attend. past_key_values: the cache to read earlier keys and values from and append these to.
+        cu_seqlens: the sample boundaries of a packed row (one row, no mask, no cache).
         """
         batch_size, seq_len, _ = hidden_states.shape
         groups = self.num_key_value_groups
@@ -249,7 +255,10 @@ class InternLM2Attention(nn.Module):
             # (batch, kv_heads, keys, head_dim): the cached keys and values followed by these
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        if attention_mask is None:
+        if cu_seqlens is not None:
+            attn_output = varlen_attention(self, query_states, key_states, value_states, cu_seqlens,
+                                           sdpa_attention_forward).transpose(1, 2)
+        elif attention_mask is None:
             # Without a mask SDPA can pick its flash kernel, which shares each key head among its query heads.
             attn_output = F.scaled_dot_product_attention(
                 query_states, key_states, value_states, is_causal=seq_len > 1, enable_gqa=groups > 1
@@ -281,11 +290,12 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states (batch, seq, hidden) -> (batch, seq, hidden); arguments as InternLM2Attention's."""
         residual = hidden_states
         hidden_states = self.attention(
-            self.attention_norm(hidden_states), position_embeddings, attention_mask, past_key_values
+            self.attention_norm(hidden_states), position_embeddings, attention_mask, past_key_values, cu_seqlens
         )
         hidden_states = residual + hidden_states
 
@@ -296,12 +306,9 @@ class InternLM2DecoderLayer(GradientCheckpointingLayer):
 
 def attention_mask_for_sdpa(
     attention_mask: torch.Tensor | None, past_length: int, seq_len: int, device: torch.device,
-    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """A boolean (batch, 1, seq, keys) mask for SDPA from a 2-D (batch, keys) padding mask, or None when SDPA's own
-    causal flag is enough (no padding, no packed samples, and no cached keys or a single query).
-    keys = past_length + seq_len. Packed samples are told apart by their positions restarting at 0 (as
-    `Collator(pack=True)` makes them): a token sees only earlier tokens of its own sample."""
+    causal flag is enough (no padding, and no cached keys or a single query). keys = past_length + seq_len."""
     num_keys = past_length + seq_len
     if attention_mask is not None and attention_mask.shape[-1] != num_keys:
         raise ValueError(
@@ -309,18 +316,13 @@ def attention_mask_for_sdpa(
             f"({past_length} cached + {seq_len} new)"
         )
     no_padding = attention_mask is None or bool(attention_mask.all())
-    packed = (position_ids is not None and past_length == 0 and seq_len > 1
-              and bool((position_ids[:, 1:] == 0).any()))
-    if no_padding and not packed and (past_length == 0 or seq_len == 1):
+    if no_padding and (past_length == 0 or seq_len == 1):
         return None
     query_index = torch.arange(past_length, num_keys, device=device)[:, None]  # (seq, 1): place among the keys
     key_index = torch.arange(num_keys, device=device)[None, :]  # (1, keys)
     allowed = (key_index <= query_index)[None, None]  # (1, 1, seq, keys)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (batch, 1, seq, keys)
-    if packed:
-        sample = (position_ids == 0).cumsum(-1)  # (batch, seq): which packed sample each token is in
-        allowed = allowed & (sample[:, None, :, None] == sample[:, None, None, :])
     # A left-padding query may see no key at all; SDPA (torch >= 2.5) gives such a row zeros, not NaN.
     return allowed
 
@@ -400,8 +402,12 @@ class InternLM2Model(InternLM2PreTrainedModel):
         hidden_states = inputs_embeds  # (batch, seq, hidden)
         seq_len = hidden_states.shape[1]
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        # Only a caller's positions can mark packed samples (the default never restarts at 0): only they are checked.
-        mask = attention_mask_for_sdpa(attention_mask, past_length, seq_len, hidden_states.device, position_ids)
+        cu_seqlens = kwargs.get("cu_seq_lens_q")
+        if cu_seqlens is None and position_ids is not None and past_length == 0 and attention_mask is None:
+            # Only a caller's positions can mark packed samples (the default never restarts at 0).
+            cu_seqlens = cu_seqlens_from_positions(position_ids)
+        mask = None if cu_seqlens is not None else attention_mask_for_sdpa(
+            attention_mask, past_length, seq_len, hidden_states.device)
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + seq_len, device=hidden_states.device)[None]
         position_embeddings = self.rotary_emb(position_ids, seq_len=past_length + seq_len)
@@ -412,7 +418,8 @@ class InternLM2Model(InternLM2PreTrainedModel):
                 all_hidden_states += (hidden_states,)
             # hidden_states goes positionally: reentrant gradient checkpointing passes gradients only through those.
             hidden_states = layer(
-                hidden_states, position_embeddings, attention_mask=mask, past_key_values=past_key_values
+                hidden_states, position_embeddings, attention_mask=mask, past_key_values=past_key_values,
+                cu_seqlens=cu_seqlens,
             )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:

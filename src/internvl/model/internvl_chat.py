@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import init_empty_weights
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
@@ -19,9 +20,10 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from internvl import checkpoint
 from internvl.archs import VISION_LORA_TARGETS, llm_arch, resolve
-from internvl.data.constants import IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl.data.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.data.templates import get_conv_template
 from internvl.lora.inject import ParamCounts, add_lora, count_params
+from internvl.lora.loss import linear_cross_entropy
 from internvl.lora.merge import merge_lora
 from internvl.model.chat_config import InternVLChatConfig
 from internvl.model.projector import build_mlp1, num_image_tokens, pixel_shuffle
@@ -205,12 +207,17 @@ class InternVLChatModel(PreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        loss_weight: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """The official training forward: images into the `<IMG_CONTEXT>` slots, next-token loss on `labels`.
 
         `image_flags` ([N] or [N, 1]) marks the real tiles of `pixel_values`; tiles flagged 0 (the dummy tile of
-        a text-only sample) run through the ViT but feed nothing to the LLM.
+        a text-only sample) run through the ViT but feed nothing to the LLM. A packed batch (one row of several
+        samples, as `Collator(pack=True)` makes it) gives `cu_seqlens` and positions restarting per sample: each
+        sample then attends only to itself. `loss_weight` (per label, as the official one) makes the loss
+        sum(w * ce) / sum(w), with the Trainer's `num_items_in_batch` as the divisor when given.
         """
         vit_embeds = all_tiles = None
         if pixel_values is not None:
@@ -224,18 +231,45 @@ class InternVLChatModel(PreTrainedModel):
             inputs_embeds = inputs_embeds + 0.0 * all_tiles.sum()
         if past_key_values is not None:  # transformers 5.24 renamed it; pass it only when there is one
             kwargs["past_key_values"] = past_key_values
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
+        if cu_seqlens is not None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("a packed batch (cu_seqlens) has no padding: pass no attention_mask")
+            # transformers' names for the boundaries of a packed row, which its attention functions read.
+            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens)
+            attention_mask = None
+        llm_inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache, output_attentions=output_attentions,
+                          output_hidden_states=output_hidden_states, **kwargs)
+        if loss_weight is not None and labels is not None:
+            outputs = self._weighted_loss_forward(llm_inputs, labels, loss_weight)
+        else:
+            outputs = self.language_model(labels=labels, return_dict=True, **llm_inputs)
         return outputs if return_dict is not False else outputs.to_tuple()
+
+    def _weighted_loss_forward(self, llm_inputs: dict, labels: torch.Tensor,
+                               loss_weight: torch.Tensor) -> CausalLMOutputWithPast:
+        """The LLM's decoder, then the weighted next-token loss on its last hidden state, chunked through the head
+        (`internvl.lora.loss`) so the logits never exist in full; through the head's own forward when it trains."""
+        if getattr(self.config.llm_config, "output_router_logits", False):
+            raise ValueError("--loss_reduction sample / square: the MoE router's auxiliary loss is not weighed; "
+                             "set output_router_logits False in the llm_config or use --loss_reduction token")
+        num_items_in_batch = llm_inputs.pop("num_items_in_batch", None)
+        llm_inputs.pop("use_cache", None)
+        outputs = self.language_model.get_decoder()(**llm_inputs, use_cache=False, return_dict=True)
+        hidden = outputs.last_hidden_state
+        head = self.language_model.get_output_embeddings()
+        if any(param.requires_grad for param in head.parameters()) or getattr(head, "bias", None) is not None:
+            logits = head(hidden).float()
+            shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+            weights = F.pad(loss_weight.float(), (0, 1))[..., 1:]
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="none",
+                                 ignore_index=IGNORE_INDEX)
+            divisor = num_items_in_batch if num_items_in_batch is not None else weights.sum().clamp(min=1e-12)
+            loss = (ce * weights.reshape(-1)).sum() / divisor
+        else:
+            logits = None
+            loss = linear_cross_entropy(hidden, head.weight, labels, num_items_in_batch, loss_weight)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
     @torch.no_grad()
     def generate(
