@@ -11,10 +11,13 @@ the engine of `--deepspeed` (default the official zero_stage1_config.json, the p
     python bench/bench_finetune.py                # every row, each in a process of its own under torchrun
     python bench/bench_finetune.py --rows fused   # one row
 
-Rows: `peft` (--fast_lora False: PEFT's layers, the official trainer's path) and `fused` (the default fast path).
-Each row runs in a fresh process (so peaks do not mix); over the `--steps` steps after `--warmup` (loader
-included): the median step, samples/s and real (non-pad) tokens/s over the whole span, the padding share, the peak
-GiB, and the ratio of real tokens/s to the first row's.
+Rows: `peft` (--fast_lora False: PEFT's layers, padded and length-grouped as the official trainer runs it),
+`fused` (the default fast path, padded) and `packed` (the fast path on packs: --use_packed_ds, one pack of
+`--packed_tokens` tokens and at most `--packed_images` tiles per step, the official packing options otherwise).
+The fused rows fit their checkpoint plan to the first row's measured peak (`--memory_budget_gib`), so that none
+uses more memory than HF + PEFT. Each row runs in a fresh process (so peaks do not mix); over the `--steps` steps
+after `--warmup` (loader included): the median step, samples/s and real (non-pad) tokens/s over the whole span,
+the padding share, the peak GiB, and the ratio of real tokens/s to the first row's.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import time
 from pathlib import Path
 
 GiB = 2**30
+ROWS = ("peft", "fused", "packed")
 ASPECTS = [(336, 336), (448, 448), (672, 448), (448, 672), (896, 448), (448, 896), (896, 672), (672, 896),
            (1344, 448), (448, 1344), (1344, 896), (896, 1344)]
 WORDS = ("the a shape colour image shows left right above below red blue green large small circle square next "
@@ -84,18 +88,23 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         """Wall time, real (attended) and padded tokens of every optimizer step, the loader's time included."""
 
         def __init__(self):
-            self.ends, self.real, self.padded = [], [0], [0]
+            self.ends, self.real, self.padded, self.samples = [], [0], [0], [0]
 
         def count(self, module, args, kwargs):
-            """A forward pre-hook on the chat model: the batch's tokens (every forward is one micro-batch)."""
-            self.real[-1] += int(kwargs["attention_mask"].sum())
+            """A forward pre-hook on the chat model: the batch's tokens (every forward is one micro-batch); a
+            packed batch has no padding, hence no mask."""
+            mask = kwargs.get("attention_mask")
+            self.real[-1] += kwargs["input_ids"].numel() if mask is None else int(mask.sum())
             self.padded[-1] += kwargs["input_ids"].numel()
+            cu_seqlens = kwargs.get("cu_seqlens")
+            self.samples[-1] += len(kwargs["input_ids"]) if cu_seqlens is None else len(cu_seqlens) - 1
 
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             self.ends.append(time.perf_counter())
             self.real.append(0)
             self.padded.append(0)
+            self.samples.append(0)
 
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     meta = write_sft_data(work / "data", args.samples, seed=0)
@@ -110,13 +119,21 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         "--force_image_size", "448", "--max_dynamic_patch", "6", "--down_sample_ratio", "0.5",
         "--dynamic_image_size", "True", "--use_thumbnail", "True", "--ps_version", "v2", "--vision_select_layer", "-1",
         "--freeze_llm", "True", "--freeze_mlp", "True", "--freeze_backbone", "True", "--use_llm_lora", "16",
-        "--grad_checkpoint", "True", "--bf16", "True", "--per_device_train_batch_size", str(args.batch),
+        "--grad_checkpoint", "True", "--bf16", "True",
         "--gradient_accumulation_steps", "1", "--learning_rate", "4e-5", "--weight_decay", "0.05",
         "--warmup_ratio", "0.03", "--lr_scheduler_type", "cosine", "--max_seq_length", "8192",
         "--group_by_length", "True", "--dataloader_num_workers", "4", "--max_steps", str(args.warmup + args.steps),
         "--save_strategy", "no", "--logging_steps", "1000", "--report_to", "none", "--disable_tqdm", "True",
-        "--fast_lora", str(row == "fused"),
+        "--fast_lora", str(row != "peft"),
     ]
+    if row == "packed":
+        recipe += ["--per_device_train_batch_size", "1", "--use_packed_ds", "True", "--max_packed_tokens",
+                   str(args.packed_tokens), "--num_images_expected", str(args.packed_images), "--strict_mode", "False",
+                   "--replacement", "True", "--max_buffer_size", "20"]
+    else:
+        recipe += ["--per_device_train_batch_size", str(args.batch)]
+    if args.memory_budget_gib and row != "peft":
+        recipe += ["--memory_budget_gib", str(args.memory_budget_gib)]
     if args.deepspeed != "none":
         recipe += ["--deepspeed", args.deepspeed]
     timer = StepTimer()
@@ -129,7 +146,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     real, padded = sum(timer.real[i] for i in steps), sum(timer.padded[i] for i in steps)
     # Rates over the whole timed span: length-grouped steps differ in length, so a median step is no average one.
-    return {"row": row, "s_per_step": step, "samples_per_s": args.batch * world * len(durations) / sum(durations),
+    samples = sum(timer.samples[i] for i in steps)
+    return {"row": row, "s_per_step": step, "samples_per_s": samples * world / sum(durations),
             "real_tokens_per_s": real * world / sum(durations), "padding": 1 - real / padded,
             "peak_gib": torch.cuda.max_memory_allocated() / GiB}
 
@@ -138,8 +156,12 @@ def main() -> None:
     """Run each row in its own process (or, with --row, one row here) and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="InternVL2_5-8B")
-    parser.add_argument("--rows", nargs="+", default=["peft", "fused"], choices=["peft", "fused"])
-    parser.add_argument("--row", choices=["peft", "fused"], help=argparse.SUPPRESS)  # one row, in this process
+    parser.add_argument("--rows", nargs="+", default=["peft", "fused", "packed"], choices=ROWS)
+    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in this process
+    parser.add_argument("--packed_tokens", type=int, default=16384)
+    parser.add_argument("--packed_images", type=int, default=64)
+    parser.add_argument("--memory_budget_gib", type=float, help="the fused rows' budget (default: the peft row's "
+                        "measured peak when it runs first, else HF + PEFT's all-checkpointed peak, measured)")
     parser.add_argument("--deepspeed", default="zero_stage1_config.json", help="config file or name; 'none': DDP")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--samples", type=int, default=400)
@@ -153,8 +175,11 @@ def main() -> None:
         return
     results = []
     for row in args.rows:
+        budget = []
+        if results and results[0]["row"] == "peft" and args.memory_budget_gib is None:
+            budget = ["--memory_budget_gib", f"{results[0]['peak_gib']:.3f}"]
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--row", row,
-                   *sys.argv[1:]]
+                   *sys.argv[1:], *budget]
         output = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
         if output.returncode or not lines:
@@ -165,8 +190,11 @@ def main() -> None:
     if not results:
         return
     first = results[0]
-    print(f"\n{args.model}, --deepspeed {args.deepspeed}, batch {args.batch}, median of {args.steps} steps after "
-          f"{args.warmup}")
+    import torch
+    import transformers
+    print(f"\n{args.model}, --deepspeed {args.deepspeed}, batch {args.batch} (packed: 1 pack of {args.packed_tokens} "
+          f"tokens, {args.packed_images} tiles), {args.steps} steps after {args.warmup}; {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
     print("| row | s/step (median) | samples/s | real tokens/s | padding | peak GiB | x first row |")
     print("|---|---|---|---|---|---|---|")
     for result in results:

@@ -74,7 +74,7 @@ class Collator:
 def pad_pack(pack: list[Sample], tokens: int | None, tiles: int | None, image_size: int) -> list[Sample]:
     """The pack with one filler sample appended (no labels, zero tiles with flag 0) up to `tokens` and `tiles`."""
     length = sum(len(sample["input_ids"]) for sample in pack)
-    count = sum(_tile_count(sample) for sample in pack)
+    count = sum(sample_tiles(sample) for sample in pack)
     missing_tokens = max(0, (tokens or 0) - length)
     missing_tiles = max(0, (tiles or 0) - count)
     if not missing_tokens and not missing_tiles:
@@ -90,8 +90,8 @@ def pad_pack(pack: list[Sample], tokens: int | None, tiles: int | None, image_si
     return [*pack, filler]
 
 
-def _tile_count(sample: Sample) -> int:
-    """Tiles the sample sends through the ViT (a text-only sample's dummy tile counts)."""
+def sample_tiles(sample: Sample) -> int:
+    """Tiles a sample sends through the ViT (a text-only sample's blank tile counts: the ViT runs on it too)."""
     pixel_values = sample.get("pixel_values")
     return 1 if pixel_values is None else len(pixel_values)
 

@@ -325,17 +325,21 @@ class InternVLDataset(Dataset):
         return self._ends[-1]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.get(index)
+
+    def get(self, index: int, epoch: int | None = None) -> dict[str, torch.Tensor]:
+        """The sample of `index`, its random draws (video frames) those of `epoch` (default: `set_epoch`'s)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples")
         if not self.skip_bad_samples:
-            return self._build(index)
+            return self._build(index, epoch)
         for step in range(len(self)):
             candidate = (index + step) % len(self)
             mark = self._mark_position(candidate)
             if self._bad[mark]:  # known bad (already logged and counted): no need to read it again
                 continue
             try:
-                return self._build(candidate)
+                return self._build(candidate, epoch)
             except SampleError as error:
                 self._bad[mark] = CAUSES.index(error.cause) + 1
                 logger.warning("skipping bad sample %s", error)
@@ -397,13 +401,13 @@ class InternVLDataset(Dataset):
         part, local = self._locate(index)
         return self._line_starts[part] + local % self.parts[part].distinct
 
-    def _build(self, index: int) -> dict[str, torch.Tensor]:
+    def _build(self, index: int, epoch: int | None = None) -> dict[str, torch.Tensor]:
         """The sample of a global index; its truncation, if any, logged the first time its line is read."""
         part, local = self._locate(index)
         annotations = self.parts[part]
         spec = annotations.spec
         record = annotations.record(local)
-        rng = np.random.default_rng([self.seed, int(self._epoch), index])
+        rng = np.random.default_rng([self.seed, int(self._epoch) if epoch is None else epoch, index])
         sample = self.builder.build(record, spec.max_dynamic_patch, augment=spec.data_augment, rng=rng)
         truncation = sample.pop("truncation", None)
         mark = self._mark_position(index)

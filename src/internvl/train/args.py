@@ -97,12 +97,16 @@ class ModelArguments:
         metadata={"help": "On CUDA, train the LLM's LoRA through internvl.lora.fast's fused modules (the same "
                           "adapters; PEFT's own layers on CPU, under FSDP/DeepSpeed or where unsupported)."},
     )
-    recompute_mlp_only: bool = field(
-        default=True,
-        metadata={"help": "With --grad_checkpoint on the fast path: keep each LLM layer's activations but its MLP's "
-                          "gate/up outputs (recomputed in backward) instead of checkpointing whole layers: about 2x "
-                          "HF+PEFT's speed in no more memory on a 7B LLM at 4k tokens (measured). False: whole "
-                          "layers, the least memory."},
+    recompute_mlp_only: bool | None = field(
+        default=None,
+        metadata={"help": "With --grad_checkpoint on the fast path: True keeps every LLM layer's activations but its "
+                          "MLP's gate/up outputs (recomputed in backward); False checkpoints whole layers, the least "
+                          "memory. Default: the plan that fits --memory_budget_gib, fitted on the GPU at the start."},
+    )
+    memory_budget_gib: float | None = field(
+        default=None,
+        metadata={"help": "Peak GPU memory the fast path's checkpoint plan may use on the run's largest batch "
+                          "(default: what HF + PEFT with every layer checkpointed needs for that batch, measured)."},
     )
 
     def __post_init__(self):
@@ -165,7 +169,8 @@ class DataArguments:
     min_num_frame: int = field(default=MIN_NUM_FRAME, metadata={"help": "Fewest frames sampled from a video."})
     max_num_frame: int = field(default=MAX_NUM_FRAME, metadata={"help": "Most frames sampled from a video."})
     use_packed_ds: bool = field(
-        default=False, metadata={"help": "Pack samples into rows of --max_packed_tokens (not built yet)."}
+        default=False, metadata={"help": "Pack samples into rows of at most --max_packed_tokens tokens (each sample "
+                                         "attends only to itself); a stream without a length: give --max_steps."}
     )
     num_images_expected: int = field(default=40, metadata={"help": "Packing: most images per packed row."})
     max_packed_tokens: int = field(default=8192, metadata={"help": "Packing: tokens per packed row."})
@@ -175,11 +180,12 @@ class DataArguments:
     replacement: bool = field(default=False, metadata={"help": "Packing: restart a dataset once exhausted."})
     allow_overflow: bool = field(default=False, metadata={"help": "Packing: merge past the token budget, then split."})
     loss_reduction: Literal["token", "sample", "square"] = field(
-        default="token", metadata={"help": "Packing: each token's loss weight, 1, 1/n or 1/sqrt(n) for a sample of "
-                                           "n answer tokens (unpacked batches: the token mean, as officially)."}
+        default="token", metadata={"help": "Each token's loss weight, 1, 1/n or 1/sqrt(n) for a sample of n answer "
+                                           "tokens; padded or packed alike (officially: packed batches only)."}
     )
     loss_reduction_all_gather: bool = field(
-        default=False, metadata={"help": "Packing: average the weights' sum over the ranks."}
+        default=False, metadata={"help": "Sum the loss weights over the ranks (here: transformers' "
+                                         "--average_tokens_across_devices, on by default)."}
     )
     eval_meta_path: str | None = field(
         default=None,
@@ -210,9 +216,6 @@ class DataArguments:
         if self.down_sample_ratio is not None and not 0 < self.down_sample_ratio <= 1:
             raise ValueError(f"--down_sample_ratio {self.down_sample_ratio}: must be in (0, 1], the factor by which "
                              "pixel shuffle shrinks each side of the ViT's feature map (officially 0.5)")
-        if self.use_packed_ds:
-            raise ValueError("--use_packed_ds True: sample packing is not built yet (it is the packing issue's "
-                             "feature); drop the option to train on padded batches")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
@@ -252,12 +255,17 @@ def official_option_notes(model_args: ModelArguments, data_args: DataArguments) 
         notes.append("--split_annotations True: annotation lines are read lazily (16 bytes a line in memory), and "
                      "each rank draws its share through the distributed sampler")
     if data_args.use_data_resampling:
-        notes.append("--use_data_resampling True: officially it weighs packed datasets only; unpacked ones are "
-                     "drawn uniformly, as officially")
-    if data_args.loss_reduction != "token" or data_args.loss_reduction_all_gather:
-        notes.append(f"--loss_reduction {data_args.loss_reduction} (--loss_reduction_all_gather "
-                     f"{data_args.loss_reduction_all_gather}): officially they weigh packed samples only; unpacked "
-                     "batches train on the token mean, as officially")
+        notes.append("--use_data_resampling True: every sample is drawn once per pass (each dataset in proportion "
+                     "to its size, repeat_time included), not by sqrt-of-size weights")
+    if data_args.loss_reduction != "token" and not data_args.use_packed_ds:
+        notes.append(f"--loss_reduction {data_args.loss_reduction}: weighs padded batches too (officially packed "
+                     "ones only), so that packing never changes the objective")
+    if data_args.loss_reduction_all_gather:
+        notes.append("--loss_reduction_all_gather True: the loss divisor is summed over the ranks, as transformers' "
+                     "--average_tokens_across_devices (on by default) does")
+    if data_args.use_packed_ds and data_args.allow_overflow:
+        notes.append("--allow_overflow True: changes nothing: a sample is never cut across packs here, so no pack "
+                     "goes past --max_packed_tokens to be split afterwards")
     return notes
 
 

@@ -56,6 +56,15 @@ def set_checkpointed_layers(model: nn.Module, plan: CheckpointPlan) -> None:
                 module.recompute_gate_up = plan.keep < from_end <= plan.keep + plan.recompute_mlp
 
 
+def peak_memory(train_step) -> int:
+    """Peak bytes of CUDA memory allocated while `train_step()` runs."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train_step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
 def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: int = 2) -> CheckpointPlan:
     """The `CheckpointPlan` that fits in `budget_bytes` of peak CUDA memory and recomputes least; applied.
 
@@ -68,12 +77,9 @@ def fit_checkpointing(model: nn.Module, train_step, budget_bytes: int, probe: in
 
     def peak(plan: CheckpointPlan) -> int:
         set_checkpointed_layers(model, plan)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        train_step()
+        used = peak_memory(train_step)
         model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return used
 
     layers = len(checkpointable_layers(model))
     probe = min(probe, layers)

@@ -27,6 +27,7 @@ from internvl import checkpoint
 from internvl.data.collate import Collator
 from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.data.dataset import InternVLDataset, SampleBuilder
+from internvl.data.packing import PackedDataset
 from internvl.data.errors import EMPTY_DATASET
 from internvl.data.reading import Annotations, read_meta
 from internvl.data.tokenizer import load_tokenizer, resize_embeddings_for_tokenizer
@@ -47,6 +48,7 @@ from internvl.train.args import (
 from internvl.train.checkpointing import CheckpointPlan, checkpointable_layers, set_checkpointed_layers
 from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
+from internvl.train.memory_budget import GIB, BatchShape, fit_plan, peft_budget, worst_case_batch
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +169,30 @@ class InternVLTrainer(Trainer):
                                         lengths=dataset.lengths())
         return super()._get_train_sampler(train_dataset)
 
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """A packed stream is read as the official trainer reads it: each rank's DataLoader reads its own share
+        (`PackedDataset` splits by rank and worker), never split or dispatched again by accelerate."""
+        if not isinstance(self.train_dataset, PackedDataset):
+            return super().get_train_dataloader()
+        args = self.args
+        workers = args.dataloader_num_workers
+        return torch.utils.data.DataLoader(
+            self.train_dataset, batch_size=args.per_device_train_batch_size, collate_fn=self.data_collator,
+            num_workers=workers, pin_memory=args.dataloader_pin_memory,
+            prefetch_factor=args.dataloader_prefetch_factor if workers else None)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The Trainer's batches of one optimizer step and their loss divisor: the token count, or with loss
+        weights (--loss_reduction sample / square) the sum of the weights, over the step (and the ranks when
+        --average_tokens_across_devices), so that accumulated micro-batches weigh as one batch does."""
+        batches, count = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if count is None or not batches or "loss_weight" not in batches[0]:
+            return batches, count
+        weight = sum(batch["loss_weight"][..., 1:].sum() for batch in batches).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            weight = self.accelerator.gather(weight).sum()
+        return batches, weight
+
     def _get_output_dir(self, trial) -> str:
         return self._staging_root or super()._get_output_dir(trial)
 
@@ -260,6 +286,9 @@ def check_inputs(model_args: ModelArguments, data_args: DataArguments, training_
     resume = training_args.resume_from_checkpoint
     if isinstance(resume, str) and not os.path.isdir(resume):
         raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such folder")
+    if data_args.use_packed_ds and training_args.max_steps <= 0:
+        raise ValueError("--use_packed_ds True: packs stream without a length (as officially): give --max_steps, "
+                         "the number of optimizer steps to train")
     if model_args.save_full_model:  # a model merged by an earlier run may go, nothing else
         outputs.check_merge_output(Path(training_args.output_dir) / outputs.FULL_MODEL, overwrite=True)
 
@@ -309,6 +338,14 @@ def check_sharding(trainer: InternVLTrainer, model_args: ModelArguments) -> None
         )
 
 
+def largest_batch(data_args: DataArguments, training_args: TrainingArguments) -> BatchShape:
+    """The largest batch the run's settings allow (see `internvl.train.memory_budget`)."""
+    rows = training_args.per_device_train_batch_size
+    if data_args.use_packed_ds:
+        return BatchShape(rows, rows * data_args.max_packed_tokens, rows * data_args.num_images_expected, packed=True)
+    return BatchShape(rows, data_args.max_seq_length, data_args.max_dynamic_patch + int(bool(data_args.use_thumbnail)))
+
+
 def fast_path_off_reason(trainer: InternVLTrainer) -> str | None:
     """Why the fused path cannot train under this run's engine, or None: FSDP and ZeRO-3 shard each weight and
     gather it only as its own module runs, while a fused node reads several modules' weights at once. DDP, ZeRO-1
@@ -324,16 +361,17 @@ class FastPathCallback(TrainerCallback):
     """Put the LLM's LoRA on the fused path once the engine has placed the model on its device (DeepSpeed does that
     inside `train()`); `restore()` puts PEFT's layers back (finetune calls it however training ends).
 
-    `--recompute_mlp_only` (with `--grad_checkpoint`) then trades whole-layer checkpointing for recomputing only each
-    MLP's gate and up outputs.
+    With `--grad_checkpoint`, the LLM's layers then follow a checkpoint plan: fitted on the GPU to the run's largest
+    batch (`shape`) and `--memory_budget_gib` (`internvl.train.memory_budget`), or fixed by `--recompute_mlp_only`.
     """
 
-    def __init__(self, trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments):
-        self.trainer, self.model, self.model_args = trainer, model, model_args
+    def __init__(self, trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments,
+                 shape: BatchShape):
+        self.trainer, self.model, self.model_args, self.shape = trainer, model, model_args, shape
         self.handle: FastLoRA | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Swap the fused path in, or log why not."""
+        """Swap the fused path in, or log why not; then set the checkpoint plan."""
         if not (self.model_args.fast_lora and self.model_args.use_llm_lora):
             return
         reason = fast_path_off_reason(self.trainer)
@@ -341,16 +379,30 @@ class FastPathCallback(TrainerCallback):
             logger.warning("Fast LoRA off, training runs PEFT's own layers: %s", reason)
             return
         llm = self.model.language_model
+        fit = (self.model_args.grad_checkpoint and self.model_args.recompute_mlp_only is None
+               and self.model.device.type == "cuda")
+        if fit:
+            batch = worst_case_batch(self.model, self.trainer.processing_class, self.shape, self.model.device)
+            budget = (int(self.model_args.memory_budget_gib * GIB) if self.model_args.memory_budget_gib
+                      else peft_budget(self.model, llm, batch))
         self.handle = maybe_enable_fast_lora(llm)
         if self.handle is None:
             return
         if args.process_index == 0:
             print(f"LLM LoRA on the fused fast path: {self.handle}")
-        if self.model_args.grad_checkpoint and self.model_args.recompute_mlp_only:
-            plan = CheckpointPlan(recompute_mlp=len(checkpointable_layers(llm)))
-            set_checkpointed_layers(llm, plan)
-            if args.process_index == 0:
-                print(f"LLM layers: {plan}")
+        if not self.model_args.grad_checkpoint:
+            return
+        if fit:
+            plan = fit_plan(self.model, llm, batch, budget)
+            where = "--memory_budget_gib" if self.model_args.memory_budget_gib else "HF + PEFT's, all checkpointed"
+            detail = f" (budget {budget / GIB:.2f} GiB: {where}, on {self.shape})"
+        elif self.model_args.recompute_mlp_only:
+            plan, detail = CheckpointPlan(recompute_mlp=len(checkpointable_layers(llm))), ""
+        else:
+            return
+        set_checkpointed_layers(llm, plan)
+        if args.process_index == 0:
+            print(f"LLM layers: {plan}{detail}")
 
     def restore(self) -> None:
         """PEFT's own layers back (the handle is restored once, however often this is called)."""
@@ -425,7 +477,7 @@ class DatasetEpoch(TrainerCallback):
     """Tell the dataset each epoch as it begins (before its DataLoader iterator starts), so that its video frames
     are drawn anew every epoch, and a resumed run draws what the uninterrupted one did."""
 
-    def __init__(self, dataset: InternVLDataset):
+    def __init__(self, dataset: InternVLDataset | PackedDataset):
         self.dataset = dataset
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -574,14 +626,23 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         use_thumbnail=data_args.use_thumbnail,
         min_dynamic_patch=data_args.min_dynamic_patch,
         max_dynamic_patch=data_args.max_dynamic_patch,
-        max_seq_length=data_args.max_seq_length,
+        # A packed sample never spans two packs (officially: max_tokens capped at max_packed_tokens).
+        max_seq_length=(min(data_args.max_seq_length, data_args.max_packed_tokens) if data_args.use_packed_ds
+                        else data_args.max_seq_length),
         normalize_type=data_args.normalize_type,
         pad2square=data_args.pad2square,
         min_num_frame=data_args.min_num_frame,
         max_num_frame=data_args.max_num_frame,
     )
-    train_dataset = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples,
-                                    seed=training_args.seed)
+    samples = InternVLDataset(data_args.meta_path, builder, skip_bad_samples=data_args.skip_bad_samples,
+                              seed=training_args.seed)
+    train_dataset = samples
+    if data_args.use_packed_ds:
+        train_dataset = PackedDataset(
+            samples, max_packed_tokens=data_args.max_packed_tokens, num_images_expected=data_args.num_images_expected,
+            max_buffer_size=data_args.max_buffer_size, replacement=data_args.replacement,
+            log_freq=data_args.log_freq, seed=training_args.seed, rank=training_args.process_index,
+            world_size=training_args.world_size)
     eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
@@ -594,7 +655,12 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=Collator(pad_token_id=tokenizer.pad_token_id, image_size=data_args.force_image_size),
+        data_collator=Collator(
+            pad_token_id=tokenizer.pad_token_id, pack=data_args.use_packed_ds, image_size=data_args.force_image_size,
+            loss_reduction=data_args.loss_reduction,
+            strict_tokens=data_args.max_packed_tokens if data_args.use_packed_ds and data_args.strict_mode else None,
+            strict_tiles=data_args.num_images_expected if data_args.use_packed_ds and data_args.strict_mode else None,
+        ),
         processing_class=tokenizer,
         base_config=base_config,
         base_path=base_path,
@@ -602,7 +668,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
                    *(callbacks or [])],
     )
     check_sharding(trainer, model_args)
-    fast = FastPathCallback(trainer, model, model_args)
+    fast = FastPathCallback(trainer, model, model_args, largest_batch(data_args, training_args))
     trainer.add_callback(fast)
     trained = True
     try:
@@ -622,6 +688,6 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
     check_ranks_agree(model, sharded=trainer.shards_parameters)
     if trained or finished is None:  # else they are complete; None: interrupted while writing them
         write_final_outputs(trainer, model, model_args, data_args)
-    train_dataset.skip_report()
+    samples.skip_report()
     return FinetuneResult(Path(training_args.output_dir), training_losses(trainer.state.log_history),
                           counts.trainable, counts.total)
