@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -460,6 +461,46 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(traine
         assert torch.equal(expected[key], actual[key]), key
 
 
+PACKED = ["--use_packed_ds", "True", "--max_packed_tokens", "300", "--num_images_expected", "6", "--strict_mode",
+          "False", "--replacement", "True", "--max_buffer_size", "4", "--loss_reduction", "square"]
+
+
+def test_a_packed_run_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_adapter(trained, tmp_path):
+    """--use_packed_ds with two loader workers: the stream of packs depends only on the seed and the workers, and
+    the Trainer skips what a checkpoint has trained on, so a run killed after checkpoint-3 and run again (its
+    output folder holding only that checkpoint) ends with the adapter of the run that was never stopped."""
+    from safetensors.torch import load_file
+
+    root, base, _, _ = trained
+    args = [*lora_recipe(root, base), *PACKED, "--max_steps", "6", "--save_steps", "3",
+            "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu",
+            "True", "--seed", "5", "--dataloader_num_workers", "2", "--logging_steps", "1"]
+    whole = cli(*args, "--output_dir", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "Fast LoRA off" in whole.stderr and "error" not in whole.stdout
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", killed / "checkpoint-3")
+    resumed = cli(*args, "--output_dir", str(killed))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {killed / 'checkpoint-3'}" in resumed.stdout
+    expected = load_file(tmp_path / "whole" / "llm_adapter" / "adapter_model.safetensors")
+    actual = load_file(killed / "llm_adapter" / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    assert_trained_adapter(base, killed)
+
+
+def test_a_packed_run_needs_max_steps_in_one_line(trained, tmp_path):
+    root, base, _, _ = trained
+    result = cli(*lora_recipe(root, base), *PACKED, "--use_cpu", "True", "--output_dir", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "internvl-lora finetune: error: --use_packed_ds True: packs stream without a length (as officially): give "
+        "--max_steps, the number of optimizer steps to train")
+
+
 def _adapter_bytes(folder) -> bytes:
     return (folder / "llm_adapter" / "adapter_model.safetensors").read_bytes()
 
@@ -663,7 +704,8 @@ def test_on_cuda_the_llm_lora_trains_on_the_fused_path_into_a_standard_adapter(t
                  "--report_to", "none", "--output_dir", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LLM LoRA on the fused fast path" in result.stdout
-    assert re.search(r"LLM layers: 0 kept, \d+ MLP-recomputed", result.stdout)
+    assert re.search(r"LLM layers: \d+ kept, \d+ MLP-recomputed, the rest checkpointed \(budget \d+\.\d\d GiB: "
+                     r"HF \+ PEFT's, all checkpointed, on 1 row of 8,192 tokens and 2 tiles each\)", result.stdout)
     assert_trained_adapter(base, out)
 
 
@@ -714,6 +756,26 @@ def test_a_sharded_run_on_a_gpu_writes_standard_adapters_and_resumes(trained, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
     assert (out / "checkpoint-3").is_dir()
+    assert_trained_adapter(base, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused path and FlexAttention run on CUDA")
+@_NEEDS_DEEPSPEED
+def test_a_packed_run_under_the_official_zero1_config_trains_on_the_fused_path_and_resumes(trained, tmp_path):
+    """The InternVL3.5 recipe's packing options, as LoRA, under the official ZeRO-1 config: packed rows through
+    the fused path, the checkpoint plan fitted to the largest pack, saved and resumed."""
+    root, base, _, _ = trained
+    out = tmp_path / "run"
+    args = [*lora_recipe(root, base), *PACKED, "--deepspeed", "zero_stage1_config.json", "--bf16", "True",
+            "--grad_checkpoint", "True", "--save_steps", "2", "--learning_rate", "1e-2", "--report_to", "none",
+            "--per_device_train_batch_size", "2", "--output_dir", str(out)]
+    first = torchrun(1, *args, "--max_steps", "2", cpu=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "LLM LoRA on the fused fast path" in first.stdout
+    assert "HF + PEFT's, all checkpointed, on 1 packed row of 600 tokens and 12 tiles)" in first.stdout
+    resumed = torchrun(1, *args, "--max_steps", "4", cpu=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout
     assert_trained_adapter(base, out)
 
 

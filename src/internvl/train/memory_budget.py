@@ -36,7 +36,7 @@ class BatchShape:
     def __str__(self) -> str:
         if self.packed:
             return f"1 packed row of {self.tokens:,} tokens and {self.tiles} tiles"
-        return f"{self.rows} rows of {self.tokens:,} tokens and {self.tiles} tiles each"
+        return f"{self.rows} row{'s' if self.rows != 1 else ''} of {self.tokens:,} tokens and {self.tiles} tiles each"
 
 
 def worst_case_batch(model: nn.Module, tokenizer, shape: BatchShape, device) -> dict[str, torch.Tensor]:
