@@ -99,6 +99,10 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
             cu_seqlens = kwargs.get("cu_seqlens")
             self.samples[-1] += len(kwargs["input_ids"]) if cu_seqlens is None else len(cu_seqlens) - 1
 
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not self.ends and not self.real[-1]:  # the first step: the plan's probes are behind us
+                torch.cuda.reset_peak_memory_stats()
+
         def on_step_end(self, args, state, control, **kwargs):
             torch.cuda.synchronize()
             self.ends.append(time.perf_counter())

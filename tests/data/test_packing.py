@@ -23,20 +23,22 @@ def sizes(packs) -> list[list[int]]:
 
 
 def test_a_sample_goes_to_the_fullest_open_pack_it_fits_and_full_packs_leave_at_once():
-    packer = GreedyPacker(max_tokens=10, max_tiles=4, max_open=3)
-    assert packer.add(token_sample(6)) == []
-    assert packer.add(token_sample(5)) == []  # does not fit beside the 6: a second pack
-    assert sizes(packer.add(token_sample(4))) == [[6, 4]]  # fits both; the fullest takes it and is full
-    assert packer.add(token_sample(3, tiles=2)) == []  # beside the 5 (8 tokens; 3 tiles: text-only counts 1)
-    assert sizes(packer.add(token_sample(1, tiles=2))) == []  # 2 more tiles would be 5 > 4: a pack of its own
-    assert sizes(packer.flush()) == [[5, 3], [1]] and packer.open == []
+    packer = GreedyPacker(max_tokens=20, max_tiles=4, max_open=3)
+    assert packer.add(token_sample(2)) == [] and packer.add(token_sample(10)) == []  # one pack of 12
+    assert packer.add(token_sample(10)) == []  # does not fit beside them: a second pack
+    # Fits both; the fullest takes it, and with 1 token left, fewer than the smallest sample's 2, it is full.
+    assert sizes(packer.add(token_sample(7))) == [[2, 10, 7]]
+    assert sizes(packer.add(token_sample(1, tiles=3))) == [[10, 1]]  # 1 + 3 tiles: full by tiles
+    assert packer.flush() == [] and packer.open == []
 
 
-def test_the_oldest_pack_leaves_when_too_many_are_open_and_tiles_fill_a_pack_too():
-    packer = GreedyPacker(max_tokens=10, max_tiles=2, max_open=2)
-    assert packer.add(token_sample(9)) == [] and packer.add(token_sample(8)) == []
-    assert sizes(packer.add(token_sample(7))) == [[9]]  # three open: the oldest leaves
-    assert sizes(packer.add(token_sample(1, tiles=2))) == [[1]]  # its tiles fill a pack on their own
+def test_the_oldest_pack_leaves_when_too_many_are_open():
+    packer = GreedyPacker(max_tokens=30, max_tiles=3, max_open=2)
+    assert packer.add(token_sample(2)) == [] and packer.add(token_sample(20)) == []  # one pack of 22
+    assert packer.add(token_sample(20)) == []  # a second
+    assert sizes(packer.add(token_sample(20))) == [[2, 20]]  # a third: the oldest leaves
+    assert sizes(packer.add(token_sample(1, tiles=3))) == [[1]]  # its 3 tiles fit no open pack, and fill one
+    assert sizes(packer.flush()) == [[20], [20]]
 
 
 def shapes_dataset(tmp_path, lines: int, max_seq_length: int = 256) -> InternVLDataset:

@@ -4,8 +4,8 @@
 As the official `PackedDataset`, it is an iterable dataset read in a seeded order, each DataLoader worker of each
 rank taking its own share of the samples (`rank * workers + worker` of `world_size * workers`), and the packing
 is greedy over a few open packs: a sample goes into the fullest open pack it fits in, else opens one; a pack
-leaves as soon as it is full (by tokens or tiles), and the oldest leaves while more than `max_buffer_size` are
-open. With `replacement` the order starts over, reshuffled, when every sample was read (the stream never ends:
+leaves as soon as it is full (no sample as small as the smallest seen so far would fit it, by tokens or tiles),
+and the oldest leaves while more than `max_buffer_size` are open. With `replacement` the order starts over, reshuffled, when every sample was read (the stream never ends:
 `--max_steps` says how long to train); without it the stream ends after one pass, with the open packs.
 
 Unlike the official one, a sample is never cut across packs: the samples are truncated to `max_packed_tokens`
@@ -52,10 +52,13 @@ class GreedyPacker:
     max_tiles: int
     max_open: int
     open: list[OpenPack] = field(default_factory=list)
+    smallest: tuple[int, int] | None = None  # the fewest tokens and tiles of any sample seen
 
     def add(self, sample: Sample) -> list[list[Sample]]:
         """Pack the sample; returns the packs that are done (full, or the oldest over `max_open`)."""
         tokens, tiles = len(sample["input_ids"]), sample_tiles(sample)
+        self.smallest = (tokens, tiles) if self.smallest is None else (
+            min(self.smallest[0], tokens), min(self.smallest[1], tiles))
         if tokens > self.max_tokens:
             raise ValueError(f"a sample of {tokens} tokens cannot fit in a pack of {self.max_tokens}; build samples "
                              "with max_seq_length at most max_packed_tokens")
@@ -71,7 +74,9 @@ class GreedyPacker:
             self.open.append(pack)
         pack.add(sample)
         done = []
-        if pack.tokens >= self.max_tokens or pack.tiles >= self.max_tiles:
+        # Full: no sample as small as the smallest seen would fit any more (officially: exactly full, which a
+        # pack of real samples rarely is, so packs waited for the buffer to overflow).
+        if (self.max_tokens - pack.tokens < self.smallest[0]) or (self.max_tiles - pack.tiles < self.smallest[1]):
             self.open.remove(pack)
             done.append(pack.samples)
         while len(self.open) > self.max_open:
