@@ -178,20 +178,27 @@ V3_5_SFT = """--model_name_or_path "{model}" --conv_style "{conv}" --use_fast_to
 --report_to "tensorboard" --deepspeed "zero_stage3_config.json" --use_packed_ds True --num_images_expected 96
 --max_packed_tokens 32768 --max_buffer_size 20 --log_freq 1000 --strict_mode False --replacement True
 --allow_overflow False --remove_unused_columns False --loss_reduction "square" --seed 42"""
+QWEN3, QWEN3_MOE = "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"
 SFT_SCRIPTS = {
-    f"internvl3_5_{group}/{name}": V3_5_SFT.format(model=model, conv=conv, dpr=dpr, lr=lr, ucfa=ucfa)
-    for group, name, model, conv, dpr, lr, ucfa in [
-        ("qwen3", "internvl3_5_1b_sft", "OpenGVLab/InternVL3_5-1B-Pretrained", "internvl2_5", 0.0, "8e-5", False),
-        ("qwen3", "internvl3_5_2b_sft", "OpenGVLab/InternVL3_5-2B-Pretrained", "internvl2_5", 0.0, "8e-5", False),
-        ("qwen3", "internvl3_5_4b_sft", "OpenGVLab/InternVL3_5-4B-Pretrained", "internvl2_5", 0.0, "8e-5", False),
-        ("qwen3", "internvl3_5_8b_sft", "OpenGVLab/InternVL3_5-8B-Pretrained", "internvl2_5", 0.1, "8e-5", False),
-        ("qwen3", "internvl3_5_14b_sft", "OpenGVLab/InternVL3_5-14B-Pretrained", "internvl2_5", 0.1, "8e-5", False),
-        ("qwen3", "internvl3_5_30b_sft", "OpenGVLab/InternVL3_5-30B-A3B-Pretrained", "internvl2_5", 0.1, "8e-5",
+    f"internvl3_5_{group}/{name}": (arch, V3_5_SFT.format(model=model, conv=conv, dpr=dpr, lr=lr, ucfa=ucfa))
+    for group, name, arch, model, conv, dpr, lr, ucfa in [
+        ("qwen3", "internvl3_5_1b_sft", QWEN3, "OpenGVLab/InternVL3_5-1B-Pretrained", "internvl2_5", 0.0, "8e-5",
          False),
-        ("qwen3", "internvl3_5_38b_sft", "OpenGVLab/InternVL3_5-38B-Pretrained", "internvl2_5", 0.4, "8e-5", False),
-        ("qwen3", "internvl3_5_241b_sft", "OpenGVLab/InternVL3_5-241B-A28B-Pretrained", "internvl2_5", 0.4, "2e-5",
+        ("qwen3", "internvl3_5_2b_sft", QWEN3, "OpenGVLab/InternVL3_5-2B-Pretrained", "internvl2_5", 0.0, "8e-5",
          False),
-        ("gpt_oss", "internvl3_5_gpt_oss_20b_stage2_sft",
+        ("qwen3", "internvl3_5_4b_sft", QWEN3, "OpenGVLab/InternVL3_5-4B-Pretrained", "internvl2_5", 0.0, "8e-5",
+         False),
+        ("qwen3", "internvl3_5_8b_sft", QWEN3, "OpenGVLab/InternVL3_5-8B-Pretrained", "internvl2_5", 0.1, "8e-5",
+         False),
+        ("qwen3", "internvl3_5_14b_sft", QWEN3, "OpenGVLab/InternVL3_5-14B-Pretrained", "internvl2_5", 0.1, "8e-5",
+         False),
+        ("qwen3", "internvl3_5_30b_sft", QWEN3_MOE, "OpenGVLab/InternVL3_5-30B-A3B-Pretrained", "internvl2_5", 0.1,
+         "8e-5", False),
+        ("qwen3", "internvl3_5_38b_sft", QWEN3, "OpenGVLab/InternVL3_5-38B-Pretrained", "internvl2_5", 0.4, "8e-5",
+         False),
+        ("qwen3", "internvl3_5_241b_sft", QWEN3_MOE, "OpenGVLab/InternVL3_5-241B-A28B-Pretrained", "internvl2_5",
+         0.4, "2e-5", False),
+        ("gpt_oss", "internvl3_5_gpt_oss_20b_stage2_sft", "GptOssForCausalLM",
          "work_dirs/internvl3_5_gpt_oss_20b_pretrain/internvl3_5_gpt_oss_20b_stage1_pretrain", "internvl3_5_gpt_oss",
          0.1, "8e-5", True),
     ]
@@ -200,13 +207,20 @@ AS_LORA = ["--freeze_llm", "True", "--freeze_mlp", "True", "--freeze_backbone", 
 
 
 @pytest.mark.parametrize("script", sorted(SFT_SCRIPTS))
-def test_an_internvl3_5_sft_script_as_lora_is_refused_in_one_line_until_packing_exists(script, bases, tmp_path,
-                                                                                     capsys):
-    """Every InternVL3.5 script packs its samples (--use_packed_ds True), which is not built yet: one line says so,
-    before any model loads, rather than an unknown-argument error or a run that trains unpacked."""
+def test_an_internvl3_5_sft_script_as_lora_trains_packed(script, bases, tmp_path, capsys):
+    """Every InternVL3.5 script packs its samples (--use_packed_ds True, square loss reduction): turned into LoRA,
+    each trains a tiny base of its LLM family on packed rows and writes a trained adapter."""
     _, meta = bases
-    argv = substituted(SFT_SCRIPTS[script], str(tmp_path / "model"), str(meta), str(tmp_path / "out"))
-    assert main(["finetune", *argv, *AS_LORA, "--max_steps", "2", "--use_cpu", "True"]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert errors == ["internvl-lora finetune: error: --use_packed_ds True: sample packing is not built yet (it is "
-                      "the packing issue's feature); drop the option to train on padded batches"]
+    arch, script_args = SFT_SCRIPTS[script]
+    conv = shlex.split(script_args)[shlex.split(script_args).index("--conv_style") + 1]
+    model = tmp_path / "model"
+    build_model(arch, template=conv, vocab_size=len(tiny_tokenizer())).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    out = tmp_path / "out"
+    argv = substituted(script_args, str(model), str(meta), str(out))
+    assert main(["finetune", *argv, *AS_LORA, "--max_steps", "2", "--use_cpu", "True", "--disable_tqdm", "True"]) == 0
+    printed = capsys.readouterr().out
+    assert ("packing samples into rows of at most 32,768 tokens and 96 tiles (strict_mode False, replacement True); "
+            "loss_reduction square") in printed
+    adapter = load_file(out / "llm_adapter" / "adapter_model.safetensors")
+    assert any(tensor.abs().sum() > 0 for key, tensor in adapter.items() if "lora_B" in key)

@@ -643,6 +643,10 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
             max_buffer_size=data_args.max_buffer_size, replacement=data_args.replacement,
             log_freq=data_args.log_freq, seed=training_args.seed, rank=training_args.process_index,
             world_size=training_args.world_size)
+        if training_args.process_index == 0:
+            print(f"packing samples into rows of at most {data_args.max_packed_tokens:,} tokens and "
+                  f"{data_args.num_images_expected} tiles (strict_mode {data_args.strict_mode}, replacement "
+                  f"{data_args.replacement}); loss_reduction {data_args.loss_reduction}")
     eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
