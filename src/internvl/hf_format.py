@@ -398,3 +398,112 @@ def original_config(config: dict) -> dict:
     if dtype:
         out["torch_dtype"] = dtype
     return out
+
+
+# ----- LoRA adapters ----------------------------------------------------------------------------------------
+# PEFT keys an adapter `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`. Ours are of one part of the
+# official model (`llm_adapter/`: the LLM, `vision_adapter/`: the ViT); "-hf" ones of the whole
+# `InternVLForConditionalGeneration` (live module names). A LoRA on a packed q/k/v (delta = B @ A) is exactly three
+# LoRAs sharing A, with B's rows split as the weight's are; the reverse is exact only where they share one A.
+
+PEFT_PREFIX = "base_model.model."
+PARTS = {"language_model": "language_model.", "vision_model": "vision_model."}
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)\.weight$")
+_LAYER = re.compile(r"\.(layers|layer)\.\d+\.")
+
+
+def _lora_key(key: str, path: str) -> re.Match:
+    match = _LORA_KEY.match(key)
+    if not match:
+        raise NotConvertible(f"{path}: {key} is not a plain LoRA weight (lora_A / lora_B); DoRA magnitudes, LoRA "
+                             "biases, embedding LoRA and modules_to_save have no exact counterpart")
+    return match
+
+
+def hf_adapter_state(state: dict[str, torch.Tensor], part: str, llm_config: dict, path: str = "adapter"
+                     ) -> dict[str, torch.Tensor]:
+    """Our adapter of `part` ("language_model" or "vision_model") -> a PEFT adapter of transformers' whole
+    `InternVLForConditionalGeneration`; a packed q/k/v LoRA becomes three sharing its A."""
+    architecture = llm_config["architectures"][0]
+    out = {}
+    for key, tensor in state.items():
+        match = _lora_key(key, path)
+        names, rename = hf_names(f"{PARTS[part]}{match['module']}.weight", architecture)
+        if rename.split and match["which"] == "lora_B":
+            tensors = split_packed(tensor, rename.split, llm_config)
+        else:
+            tensors = tuple(tensor.clone() for _ in names)  # one A each: a file stores no shared tensors
+        for name, value in zip(names, tensors):
+            out[f"{PEFT_PREFIX}{live_name(name).removesuffix('.weight')}.{match['which']}.weight"] = value.contiguous()
+    return out
+
+
+def original_adapter_states(state: dict[str, torch.Tensor], llm_config: dict, path: str = "adapter"
+                            ) -> dict[str, dict[str, torch.Tensor]]:
+    """A PEFT adapter of transformers' whole InternVL -> ours, per part; refused where that is not exact (q/k/v
+    adapters with different A, a LoRA on the projector)."""
+    architecture = llm_config["architectures"][0]
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    packed: dict[tuple[str, str], dict] = {}
+    for key, tensor in state.items():
+        match = _lora_key(key, path)
+        written = next(iter(to_written_names({f"{match['module']}.weight": None})))
+        name, index, rename = original_name(written, architecture)
+        part = next((p for p, prefix in PARTS.items() if name.startswith(prefix)), None)
+        if part is None:
+            raise NotConvertible(f"{path}: {key} is a LoRA on {name.rsplit('.', 1)[0]}, which our adapters do not "
+                                 "hold (only the LLM and the ViT); merge it into the model instead")
+        module = name[len(PARTS[part]):].removesuffix(".weight")
+        if rename.split:
+            entry = packed.setdefault((part, module), {"rename": rename, "lora_A": {}, "lora_B": {}})
+            entry[match["which"]][index] = tensor
+        else:
+            parts.setdefault(part, {})[f"{PEFT_PREFIX}{module}.{match['which']}.weight"] = tensor
+    for (part, module), entry in packed.items():
+        a_parts = list(entry["lora_A"].values())
+        if any(not torch.equal(a, a_parts[0]) for a in a_parts) or set(entry["lora_A"]) != set(entry["lora_B"]):
+            raise NotConvertible(f"{path}: the q/k/v LoRAs of {module} do not share one A, so no single LoRA on "
+                                 "the packed projection equals them; merge it into the model instead")
+        rank, rows = a_parts[0].shape[0], _part_rows(entry["rename"].split, llm_config, a_parts[0].shape[1])
+        # A projection the adapter leaves out gets B = 0: exactly no change, as its absence meant.
+        b_parts = tuple(entry["lora_B"].get(i, torch.zeros(n, rank, dtype=a_parts[0].dtype)) for i, n in enumerate(rows))
+        parts.setdefault(part, {})[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a_parts[0]
+        parts[part][f"{PEFT_PREFIX}{module}.lora_B.weight"] = join_packed(b_parts, entry["rename"].split, llm_config)
+    return parts
+
+
+def _part_rows(split: str, llm_config: dict, in_features: int) -> tuple[int, int, int]:
+    """Output rows of q, k and v in a packed projection."""
+    if split == "thirds":
+        return (in_features,) * 3
+    heads, kv_heads = llm_config["num_attention_heads"], llm_config["num_key_value_heads"]
+    head_dim = llm_config["hidden_size"] // heads
+    return heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
+
+
+def module_suffix(module: str) -> str:
+    """A module's name below its decoder or encoder layer (`attention.wqkv`), or the whole name outside layers."""
+    parts = _LAYER.split(module)
+    return parts[-1] if len(parts) > 1 else module
+
+
+def check_plain_lora(config: dict, path: str = "adapter_config.json") -> None:
+    """Refuse adapter settings whose meaning depends on module names we rename or split."""
+    for field, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA biases"), ("modules_to_save", "modules_to_save"),
+                        ("layers_to_transform", "layers_to_transform"), ("rank_pattern", "rank_pattern"),
+                        ("alpha_pattern", "alpha_pattern"), ("trainable_token_indices", "trainable tokens")):
+        if config.get(field):
+            raise NotConvertible(f"{path}: {what} ({field}) has no exact counterpart in the other format")
+
+
+def hf_target_modules(state: dict[str, torch.Tensor]) -> str:
+    """PEFT's `target_modules` for a "-hf" adapter: a regex of exactly the modules it holds (layer index free), so
+    that it attaches to its part of the whole model and nowhere else."""
+    modules = {_LORA_KEY.match(key)["module"] for key in state}
+    patterns = sorted({re.sub(r"\\\.(\d+)\\\.", r"\\.\\d+\\.", re.escape(module)) for module in modules})
+    return "(" + "|".join(patterns) + ")"
+
+
+def original_target_modules(state: dict[str, torch.Tensor]) -> list[str]:
+    """PEFT's `target_modules` for one of our adapters: the layer-relative module names it holds."""
+    return sorted({module_suffix(_LORA_KEY.match(key)["module"]) for key in state})
