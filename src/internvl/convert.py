@@ -89,7 +89,7 @@ def convert_run(source: str | os.PathLike, target: str | os.PathLike, to: str, b
     base = base or manifest.get("base_model")
     if not base:
         raise ValueError(f"{source}: its manifest names no base model; pass --base MODEL")
-    base_config = checkpoint.read_config(base)
+    base_config = outputs.read_base_config(base)
     outputs.check_base(manifest, source, base_config, force)
     llm_config = base_config["llm_config"]
     adapter_dirs = {info["adapter"] for info in manifest["lora"].values()}

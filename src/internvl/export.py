@@ -74,7 +74,7 @@ def export_adapter(run: str | os.PathLike, target: str | os.PathLike, engine_nam
     base = base or manifest.get("base_model")
     if not base:
         raise ValueError(f"{run}: its manifest names no base model; pass --base MODEL")
-    base_config = checkpoint.read_config(base)
+    base_config = outputs.read_base_config(base)
     outputs.check_base(manifest, run, base_config, force)
     llm_config = base_config["llm_config"]
     internlm2 = llm_config["architectures"][0] == "InternLM2ForCausalLM"

@@ -378,7 +378,6 @@ def original_config(config: dict) -> dict:
     official_vision["image_size"] = _first(official_vision.get("image_size", 448))
     official_vision["patch_size"] = _first(official_vision.get("patch_size", 14))
     official_vision.update(extras.get("vision", {}))
-    official_vision["architectures"] = ["InternVisionModel"]
     out = {
         "model_type": "internvl_chat",
         "architectures": ["InternVLChatModel"],

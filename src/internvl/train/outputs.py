@@ -205,6 +205,14 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
 
 
+def read_base_config(folder: str | os.PathLike) -> dict:
+    """The config of the base model folder `folder` (either format) as a model loaded from it reports it: what
+    manifests hash."""
+    from internvl.model.chat_config import InternVLChatConfig
+
+    return InternVLChatConfig.from_dict(checkpoint.read_config(folder)).to_dict()
+
+
 def check_base(manifest: dict, folder, base_config: dict, force: bool = False) -> None:
     """Refuse adapters trained on another base model (config hash differs), or put onto a model that has LoRA merged
     in (which hashes apart from its base), unless `force`."""
