@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from internvl import checkpoint
+from internvl.cli import main
 from internvl.convert import convert_model, convert_run
 from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.export import export_adapter
@@ -79,8 +80,7 @@ def test_a_transformers_saved_hf_checkpoint_gives_transformers_logits(tmp_path, 
     assert ours.img_context_token_id == config.image_token_id and ours.checkpoint_format == "hf"
     batch = build_batch(ours, tokenizer)
     torch.testing.assert_close(our_logits(ours, batch), hf_logits(theirs, batch), rtol=1e-5, atol=1e-5)
-    # inspect and validate-data read the folder through the same config
-    assert cli("inspect", str(tmp_path / "hf")).returncode == 0
+    assert main(["inspect", str(tmp_path / "hf")]) == 0  # inspect reads it through the same config
 
 
 @pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "LlamaForCausalLM", "InternLM2ForCausalLM"])
@@ -103,13 +103,11 @@ def test_transformers_loads_our_conversion_and_the_round_trip_is_bitwise(tmp_pat
     assert back["llm_config"]["architectures"] == [arch]
 
 
-def test_convert_cli_round_trip_and_refusals(tmp_path, tokenizer):
+def test_convert_cli_writes_hf_and_refuses_in_one_line(tmp_path, tokenizer):
     source, _ = save_original(tmp_path, tokenizer, "InternLM2ForCausalLM", "6B")
     result = cli("convert", str(source), str(tmp_path / "hf"), "--to", "hf")
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "internvl"
-    assert cli("convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "original").returncode == 0
-    assert checkpoint.folder_format(tmp_path / "back") == "original"
 
     refused = cli("convert", str(source), str(tmp_path / "hf"), "--to", "hf")  # not empty: never overwritten
     assert refused.returncode == 2 and refused.stderr.startswith("internvl-lora convert: error: ")

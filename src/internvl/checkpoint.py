@@ -1,5 +1,8 @@
 """Read and write checkpoint folders in the official InternVL format, executing nothing found in them.
 
+A folder in transformers' native format ("-hf", `model_type: internvl`) is read too: its config comes back as the
+official one (`internvl.hf_format`); its weights are returned as stored, for the caller to map.
+
 A folder holds `config.json` and the weights as one `model.safetensors` or as shards listed in
 `model.safetensors.index.json` (pickled `pytorch_model*.bin` files are read with `weights_only=True`).
 Writes go to a temporary folder that is renamed into place, so a killed run never leaves a half-written

@@ -22,7 +22,8 @@ from internvl.train import outputs
 
 
 def image_token_id(folder: str | os.PathLike, vocab_size: int) -> int:
-    """The id of `<IMG_CONTEXT>` in the tokenizer of `folder` (transformers' `image_token_id`)."""
+    """The id of `<IMG_CONTEXT>` in the tokenizer of `folder` (transformers' `image_token_id`), checked to lie in
+    the model's vocabulary."""
     from internvl.data.tokenizer import load_tokenizer
 
     try:
@@ -60,7 +61,8 @@ def convert_model(source: str | os.PathLike, target: str | os.PathLike, to: str)
             state = hf_format.hf_state(state, config["llm_config"])
         else:
             expected = checkpoint.read_json_config(source)["image_token_id"]
-            if (source / "tokenizer_config.json").is_file() and image_token_id(source, 1 << 62) != expected:
+            vocab_size = config["llm_config"]["vocab_size"]
+            if (source / "tokenizer_config.json").is_file() and image_token_id(source, vocab_size) != expected:
                 raise ValueError(f"{source}: its tokenizer's {IMG_CONTEXT_TOKEN} is not image_token_id {expected}; "
                                  "the official format finds the image slots by that token's name")
             written = InternVLChatConfig.from_dict(config).to_dict()

@@ -2,7 +2,9 @@
 
 An output folder (the final one and every `checkpoint-N`) holds
 - `llm_adapter/`, `vision_adapter/`: PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`) that
-  `peft.PeftModel.from_pretrained` loads onto the base language model or ViT;
+  `peft.PeftModel.from_pretrained` loads onto the base language model or ViT; on a base in transformers' "-hf"
+  format, onto its whole `InternVLForConditionalGeneration` (the manifest's `base_format`; `read_adapter` maps
+  them back exactly);
 - `trained_weights.safetensors`: weights trained outside LoRA (projector, unfrozen ViT layers), under the official
   names even where PEFT wraps their part, so that they load into a base model as they are;
 - `resized_embeddings.safetensors`: when the tokenizer outgrew the base vocabulary, the rows the run added to the
