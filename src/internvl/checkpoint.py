@@ -1,5 +1,8 @@
 """Read and write checkpoint folders in the official InternVL format, executing nothing found in them.
 
+A folder in transformers' native format ("-hf", `model_type: internvl`) is read too: its config comes back as the
+official one (`internvl.hf_format`); its weights are returned as stored, for the caller to map.
+
 A folder holds `config.json` and the weights as one `model.safetensors` or as shards listed in
 `model.safetensors.index.json` (pickled `pytorch_model*.bin` files are read with `weights_only=True`).
 Writes go to a temporary folder that is renamed into place, so a killed run never leaves a half-written
@@ -23,6 +26,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from internvl import hf_format
+
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -35,8 +40,9 @@ COMPANION_PATTERNS = ("tokenizer*", "*.model", "vocab.json", "merges.txt", "spec
                       "added_tokens.json", "generation_config.json", "*.py", "preprocessor_config.json")
 
 
-def read_config(folder: str | os.PathLike) -> dict:
-    """The `config.json` of an InternVL chat checkpoint folder, checked to be one."""
+def read_json_config(folder: str | os.PathLike) -> dict:
+    """The `config.json` of a checkpoint folder as it is written, in either format (`model_type` `internvl_chat`:
+    official; `internvl`: transformers' "-hf"); anything else is refused."""
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; expected an InternVL checkpoint folder")
@@ -44,12 +50,28 @@ def read_config(folder: str | os.PathLike) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
-    if config.get("model_type") != "internvl_chat":
+    if config.get("model_type") not in ("internvl_chat", hf_format.HF_MODEL_TYPE):
         raise ValueError(
-            f"{path}: model_type is {config.get('model_type')!r}, expected 'internvl_chat' "
-            "(an InternVL chat checkpoint, not a bare LLM or ViT)"
+            f"{path}: model_type is {config.get('model_type')!r}, expected 'internvl_chat' or 'internvl' "
+            "(an InternVL chat checkpoint, official or transformers' -hf, not a bare LLM or ViT)"
         )
     return config
+
+
+def folder_format(folder: str | os.PathLike) -> str:
+    """"hf" for a transformers-format ("-hf") InternVL folder, "original" for the official format."""
+    return "hf" if read_json_config(folder)["model_type"] == hf_format.HF_MODEL_TYPE else "original"
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    """The official `config.json` dict of an InternVL chat checkpoint folder; a "-hf" folder's config converted."""
+    config = read_json_config(folder)
+    if config["model_type"] != hf_format.HF_MODEL_TYPE:
+        return config
+    try:
+        return hf_format.original_config(config)
+    except hf_format.NotConvertible as error:
+        raise ValueError(f"{Path(folder) / CONFIG_NAME}: {error}") from None
 
 
 def existing_config(folder: str | os.PathLike) -> dict | None:

@@ -53,11 +53,33 @@ def run_merge(args: argparse.Namespace) -> int:
     if args.adapter:
         load_adapter(model, args.adapter, force=args.force_base_model)
     source = args.adapter or args.input
+    model.checkpoint_format = args.to or model.checkpoint_format
+    if model.checkpoint_format == "hf" and model.img_context_token_id is None:
+        from internvl.convert import image_token_id
+
+        model.img_context_token_id = image_token_id(source, model.config.llm_config.vocab_size)
     record, copied = save_merged_model(model, args.output, source, args.input, overwrite=args.overwrite)
     lora = ", ".join(f"{part} r={rank}" for part, rank in record["lora"].items()) or "no LoRA, only trained weights"
     print(f"merged {source} into {args.output}: {lora}")
     if copied:
         print(f"copied along: {', '.join(copied)}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """`convert INPUT OUTPUT --to hf|original`: a checkpoint, or a fine-tune's adapters, in the other format."""
+    from internvl.convert import convert
+
+    what = convert(args.input, args.output, args.to, base=args.base, force=args.force_base_model)
+    print(f"converted the {what} of {args.input} to the {args.to} format in {args.output}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """`export RUN OUT --for vllm|lmdeploy`: the run's adapters as one LoRA folder that engine applies to the base."""
+    from internvl.export import export_adapter
+
+    print(export_adapter(args.run, args.output, args.engine, base=args.base, force=args.force_base_model), end="")
     return 0
 
 
@@ -198,7 +220,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merge an adapter trained on another base, or onto a model with LoRA merged in")
     merge.add_argument("--overwrite", action="store_true",
                        help="replace OUTPUT if it holds a model merged before (never any other folder)")
+    merge.add_argument("--to", choices=["original", "hf"],
+                       help="format of the merged model (default: the base's; hf: transformers' InternVL)")
     merge.set_defaults(func=run_merge)
+
+    convert = commands.add_parser(
+        "convert", help="a checkpoint or a fine-tune's adapters: official format <-> transformers' InternVL (-hf)"
+    )
+    convert.add_argument("input", help="checkpoint folder (either format), or an output folder written by finetune")
+    convert.add_argument("output", help="new or empty folder for the converted copy")
+    convert.add_argument("--to", required=True, choices=["hf", "original"], help="the format to write")
+    convert.add_argument("--base", help="adapters only: their base model (default: the one their manifest names)")
+    convert.add_argument("--force-base-model", "--force_base_model", action="store_true",
+                         help="adapters only: convert against a base other than the one they were trained on")
+    convert.set_defaults(func=run_convert)
+
+    export = commands.add_parser(
+        "export", help="a fine-tune's adapters as one LoRA adapter folder for vLLM or lmdeploy"
+    )
+    export.add_argument("run", help="output folder (or checkpoint-N) written by finetune")
+    export.add_argument("output", help="new or empty folder for the exported adapter")
+    export.add_argument("--for", dest="engine", required=True, choices=["vllm", "lmdeploy"],
+                        help="the serving engine")
+    export.add_argument("--base", help="the official base model served (default: the one the manifest names)")
+    export.add_argument("--force-base-model", "--force_base_model", action="store_true",
+                        help="export against a base other than the one the adapters were trained on")
+    export.set_defaults(func=run_export)
 
     finetune = commands.add_parser(
         "finetune", add_help=False,

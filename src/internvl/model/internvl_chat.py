@@ -7,6 +7,7 @@ follow the official `modeling_internvl_chat.py`, so official scripts run unchang
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.hub import convert_file_size_to_int
 
-from internvl import checkpoint
+from internvl import checkpoint, hf_format
 from internvl.archs import VISION_LORA_TARGETS, llm_arch, resolve
 from internvl.data.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
 from internvl.data.templates import get_conv_template
@@ -80,6 +81,9 @@ class InternVLChatModel(PreTrainedModel):
             config.vision_config.hidden_size, config.llm_config.hidden_size, config.downsample_ratio
         )
         self.img_context_token_id = None  # set by the caller from its tokenizer, as in the official code
+        # The format the weights were read in ("original" or transformers' "hf"): what adapters and merged models of
+        # this model are written in.
+        self.checkpoint_format = "original"
         self.conv_template = get_conv_template(self.template)
         self.system_message = self.conv_template.system_message
         # Official LoRA checkpoints hold PEFT's key names: wrap before any weight is read.
@@ -375,7 +379,8 @@ class InternVLChatModel(PreTrainedModel):
         device_map: str | torch.device | None = None,
         **kwargs,
     ) -> "InternVLChatModel":
-        """Load an official-format checkpoint folder (safetensors, sharded or not) without running its code.
+        """Load a checkpoint folder (safetensors, sharded or not) without running its code: the official format,
+        or transformers' "-hf" format (converted on the way in; its `image_token_id` becomes `img_context_token_id`).
 
         `torch_dtype` (or `dtype`) casts the weights; "auto" keeps the checkpoint's. `device_map` may name one
         device ("cuda", "cpu", "auto" = the GPU when there is one). A config with `use_llm_lora` or
@@ -391,6 +396,7 @@ class InternVLChatModel(PreTrainedModel):
                 "machine with network (e.g. `huggingface-cli download OpenGVLab/InternVL2_5-8B --local-dir DIR`) "
                 "and pass DIR"
             )
+        checkpoint_format = checkpoint.folder_format(folder)
         raw = checkpoint.read_config(folder)
         config = config or InternVLChatConfig.from_dict(raw)
         config._name_or_path = str(folder)
@@ -403,7 +409,14 @@ class InternVLChatModel(PreTrainedModel):
         with init_empty_weights(include_buffers=False):
             model = cls(config)
         state = checkpoint.load_state_dict(folder, dtype)
+        if checkpoint_format == "hf":
+            try:
+                state = hf_format.original_state(state, raw["llm_config"])
+            except hf_format.NotConvertible as error:
+                raise ValueError(f"{folder}: {error}") from None
+            model.img_context_token_id = checkpoint.read_json_config(folder)["image_token_id"]
         model.load_official_state_dict(state)
+        model.checkpoint_format = checkpoint_format
         if device_map is not None:
             if device_map == "auto":
                 device_map = "cuda" if torch.cuda.is_available() else "cpu"
@@ -438,21 +451,34 @@ class InternVLChatModel(PreTrainedModel):
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
-        max_shard_size: int | str = checkpoint.DEFAULT_SHARD_BYTES, **kwargs,
+        max_shard_size: int | str = checkpoint.DEFAULT_SHARD_BYTES, checkpoint_format: str | None = None, **kwargs,
     ) -> None:
-        """Write the official folder format (config.json + safetensors) atomically into `save_directory`.
+        """Write the folder format (config.json + safetensors) atomically into `save_directory`.
 
-        The folder must be new, empty, or an InternVL checkpoint: saved again, it is replaced, keeping its tokenizer
-        and code files. Any other folder with files in it is refused rather than lost.
+        `checkpoint_format` is "original" (official) or "hf" (transformers' `InternVLForConditionalGeneration`; needs
+        `img_context_token_id`, its `image_token_id`); None: the format the model was loaded from. The folder must
+        be new, empty, or an InternVL checkpoint: saved again, it is replaced, keeping its tokenizer and code files.
+        Any other folder with files in it is refused rather than lost.
         """
+        checkpoint_format = checkpoint_format or self.checkpoint_format
         if isinstance(max_shard_size, str):
             max_shard_size = convert_file_size_to_int(max_shard_size)
         self.config.dtype = str(self.dtype).removeprefix("torch.")
         self.config.architectures = ["InternVLChatModel"]
+        state = state_dict if state_dict is not None else self.official_state_dict()
+        hf_config = None
+        if checkpoint_format == "hf":
+            if self.img_context_token_id is None:
+                raise ValueError("saving the -hf format needs model.img_context_token_id (the tokenizer's "
+                                 f"{IMG_CONTEXT_TOKEN} id, transformers' image_token_id)")
+            hf_config = hf_format.hf_config(self.config.to_dict(), self.img_context_token_id)
+            state = hf_format.hf_state(state, self.config.to_dict()["llm_config"])
         resaved = checkpoint.existing_config(save_directory) is not None
         with checkpoint.atomic_directory(save_directory, replace=resaved) as staging:
-            self.config.save_pretrained(staging)
-            state = state_dict if state_dict is not None else self.official_state_dict()
+            if hf_config is None:
+                self.config.save_pretrained(staging)
+            else:
+                (staging / checkpoint.CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
             checkpoint.save_state_dict(state, staging, max_shard_size)
             if resaved:
                 checkpoint.copy_companion_files(save_directory, staging)

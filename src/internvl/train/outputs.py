@@ -2,7 +2,9 @@
 
 An output folder (the final one and every `checkpoint-N`) holds
 - `llm_adapter/`, `vision_adapter/`: PEFT adapters (`adapter_config.json` + `adapter_model.safetensors`) that
-  `peft.PeftModel.from_pretrained` loads onto the base language model or ViT;
+  `peft.PeftModel.from_pretrained` loads onto the base language model or ViT; on a base in transformers' "-hf"
+  format, onto its whole `InternVLForConditionalGeneration` (the manifest's `base_format`; `read_adapter` maps
+  them back exactly);
 - `trained_weights.safetensors`: weights trained outside LoRA (projector, unfrozen ViT layers), under the official
   names even where PEFT wraps their part, so that they load into a base model as they are;
 - `resized_embeddings.safetensors`: when the tokenizer outgrew the base vocabulary, the rows the run added to the
@@ -30,7 +32,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from PIL import Image
 from safetensors.torch import save_file
 
-from internvl import __version__, checkpoint
+from internvl import __version__, checkpoint, hf_format
 from internvl.data.templates import get_conv_template
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
 from internvl.model.projector import num_image_tokens
@@ -41,6 +43,7 @@ RESIZED_EMBEDDINGS = "resized_embeddings.safetensors"
 FULL_MODEL = "full_model"  # the merged model, official format (--save_full_model)
 ADAPTER_DIRS = {"language_model": "llm_adapter", "vision_model": "vision_adapter"}
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name
 _RANK_FIELDS = {"language_model": "use_llm_lora", "vision_model": "use_backbone_lora"}
 
 
@@ -157,6 +160,10 @@ def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path:
                 key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)
             }
             module.save_pretrained(folder / subdir, state_dict=part_state)
+            if model.checkpoint_format == "hf":  # the adapter of a "-hf" base is one of transformers' InternVL
+                config, adapter = read_adapter(folder / subdir, part, "original", {})
+                write_adapter(folder / subdir, *hf_adapter(config, adapter, part, model.config.to_dict()["llm_config"],
+                                                          str(folder / subdir)))
             written.append(folder / subdir)
             config = module.peft_config["default"]
             parts[part] = {"adapter": subdir, "r": config.r, "lora_alpha": config.lora_alpha}
@@ -178,6 +185,7 @@ def save_outputs(model, folder: str | os.PathLike, base_config: dict, base_path:
         "version": __version__,
         "base_model": base_path,
         "base_config_hash": config_hash(base_config),
+        "base_format": model.checkpoint_format,  # of the adapters: "original", or "hf" (transformers' InternVL)
         "lora": parts,
         "trained_weights": sorted(files[TRAINED_WEIGHTS]),
         "resized_embeddings": sorted(files[RESIZED_EMBEDDINGS]),
@@ -197,6 +205,14 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON: {error}") from None
+
+
+def read_base_config(folder: str | os.PathLike) -> dict:
+    """The config of the base model folder `folder` (either format) as a model loaded from it reports it: what
+    manifests hash."""
+    from internvl.model.chat_config import InternVLChatConfig
+
+    return InternVLChatConfig.from_dict(checkpoint.read_config(folder)).to_dict()
 
 
 def check_base(manifest: dict, folder, base_config: dict, force: bool = False) -> None:
@@ -245,18 +261,63 @@ def _check_shapes(path: Path, weights: dict[str, torch.Tensor], targets: dict[st
             )
 
 
-def _load_adapter_weights(module: PeftModel, adapter_dir: Path) -> None:
-    path = adapter_dir / ADAPTER_WEIGHTS
-    weights = checkpoint.read_safetensors(path)
+def read_adapter(adapter_dir: str | os.PathLike, part: str, checkpoint_format: str, llm_config: dict
+                 ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The `adapter_config.json` dict and weights of one adapter folder of `part`, in our form (keys of the part
+    alone, official module names): an adapter in the "-hf" format is converted (exactly, or refused)."""
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter folder")
+    config = json.loads(config_path.read_text())
+    weights = checkpoint.read_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    if checkpoint_format == "hf":
+        try:
+            hf_format.check_plain_lora(config, str(config_path))
+            weights = hf_format.original_adapter_states(weights, llm_config, str(adapter_dir)).get(part, {})
+        except hf_format.NotConvertible as error:
+            raise ValueError(str(error)) from None
+        config = {**config, "target_modules": hf_format.original_target_modules(weights)}
+    return config, weights
+
+
+def write_adapter(adapter_dir: str | os.PathLike, config: dict, weights: dict[str, torch.Tensor]) -> None:
+    """Write an adapter folder as PEFT does: `adapter_config.json` and `adapter_model.safetensors`."""
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file({key: tensor.contiguous().cpu() for key, tensor in weights.items()}, adapter_dir / ADAPTER_WEIGHTS,
+              metadata={"format": "pt"})
+
+
+def hf_adapter(config: dict, weights: dict[str, torch.Tensor], part: str, llm_config: dict, path: str = "adapter"
+               ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One of our adapters (config dict and weights) as a PEFT adapter of transformers' whole
+    `InternVLForConditionalGeneration`; refused where the mapping would not be exact."""
+    try:
+        hf_format.check_plain_lora(config, path)
+        weights = hf_format.hf_adapter_state(weights, part, llm_config, path)
+    except hf_format.NotConvertible as error:
+        raise ValueError(str(error)) from None
+    return {**config, "target_modules": hf_format.hf_target_modules(weights)}, weights
+
+
+def _lora_config(config: dict) -> LoraConfig:
+    known = {field.name for field in fields(LoraConfig)}
+    return LoraConfig(**{key: value for key, value in config.items() if key in known})
+
+
+def _load_adapter_weights(module: PeftModel, path: Path, weights: dict[str, torch.Tensor]) -> None:
     _check_shapes(path, weights, get_peft_model_state_dict(module))
     set_peft_model_state_dict(module, weights)
 
 
-def _put_adapter(module: torch.nn.Module, adapter_dir: Path) -> PeftModel:
-    """`module` wrapped in the PEFT adapter of `adapter_dir` (saved for inference: frozen), weights checked and
-    loaded; in the mode `module` was (PEFT's new dropout layers start in training mode)."""
-    wrapped = get_peft_model(module, LoraConfig.from_pretrained(adapter_dir))
-    _load_adapter_weights(wrapped, adapter_dir)
+def _put_adapter(module: torch.nn.Module, adapter_dir: Path, config: dict, weights: dict[str, torch.Tensor]
+                 ) -> PeftModel:
+    """`module` wrapped in the PEFT adapter `config` (saved for inference: frozen), `weights` checked and loaded; in
+    the mode `module` was (PEFT's new dropout layers start in training mode)."""
+    wrapped = get_peft_model(module, _lora_config(config))
+    _load_adapter_weights(wrapped, adapter_dir / ADAPTER_WEIGHTS, weights)
     return wrapped.train(module.training)
 
 
@@ -288,7 +349,9 @@ def load_outputs_into(model, folder: str | os.PathLike) -> None:
     manifest = read_manifest(folder)
     check_ranks(manifest, folder, model.config)
     for part, info in manifest["lora"].items():
-        _load_adapter_weights(getattr(model, part), folder / info["adapter"])
+        _, weights = read_adapter(folder / info["adapter"], part, manifest.get("base_format", "original"),
+                                  model.config.to_dict()["llm_config"])
+        _load_adapter_weights(getattr(model, part), folder / info["adapter"] / ADAPTER_WEIGHTS, weights)
     _load_weight_files(model, folder, manifest)
 
 
@@ -308,8 +371,11 @@ def load_adapter(model, folder: str | os.PathLike, force: bool = False) -> None:
         ServingSettings(**manifest["serving"]).apply_to(model)
     if "vocab_size" in manifest:
         model.language_model.resize_token_embeddings(manifest["vocab_size"]["trained"], mean_resizing=False)
+    llm_config = model.config.to_dict()["llm_config"]
     for part, info in manifest["lora"].items():
-        setattr(model, part, _put_adapter(getattr(model, part), folder / info["adapter"]))
+        config, weights = read_adapter(folder / info["adapter"], part, manifest.get("base_format", "original"),
+                                       llm_config)
+        setattr(model, part, _put_adapter(getattr(model, part), folder / info["adapter"], config, weights))
         setattr(model.config, _RANK_FIELDS[part], info["r"])
     _load_weight_files(model, folder, manifest)
 
