@@ -5,8 +5,9 @@ As the official `PackedDataset`, it is an iterable dataset read in a seeded orde
 rank taking its own share of the samples (`rank * workers + worker` of `world_size * workers`), and the packing
 is greedy over a few open packs: a sample goes into the fullest open pack it fits in, else opens one; a pack
 leaves as soon as it is full (no sample as small as the smallest seen so far would fit it, by tokens or tiles),
-and the oldest leaves while more than `max_buffer_size` are open. With `replacement` the order starts over, reshuffled, when every sample was read (the stream never ends:
-`--max_steps` says how long to train); without it the stream ends after one pass, with the open packs.
+and the oldest leaves while more than `max_buffer_size` are open. With `replacement` the order starts over,
+reshuffled, when every sample was read (the stream never ends: `--max_steps` says how long to train); without it
+the stream ends after one pass, with the open packs.
 
 Unlike the official one, a sample is never cut across packs: the samples are truncated to `max_packed_tokens`
 when they are built, as the official dataset's `max_tokens` is capped at it, so each fits in a pack of its own.

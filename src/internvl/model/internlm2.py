@@ -14,8 +14,9 @@ are, and configs saved here load in the official code:
     model.norm, output                      model.norm, lm_head
 
 Attention always runs through torch's scaled_dot_product_attention, and packed rows (samples told apart by
-`cu_seq_lens_q`, or by positions restarting at 0) through `internvl.model.packed_attention`; the KV cache is transformers' `Cache`, so
-`generate` works, from `input_ids` or from `inputs_embeds` (as the InternVL chat model calls it).
+`cu_seq_lens_q`, or by positions restarting at 0) through `internvl.model.packed_attention`; the KV cache is
+transformers' `Cache`, so `generate` works, from `input_ids` or from `inputs_embeds` (as the InternVL chat model
+calls it).
 """
 
 from __future__ import annotations
