@@ -649,6 +649,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
                   f"{data_args.replacement}); loss_reduction {data_args.loss_reduction}")
     eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
     training_args.remove_unused_columns = False
+    if data_args.loss_reduction_all_gather:  # the official flag: the loss divisor summed over the ranks
+        training_args.average_tokens_across_devices = True
     training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
     if training_args.deepspeed:
         line = avoid_op_builds(training_args.hf_deepspeed_config.config, fused_adam_prebuilt())
