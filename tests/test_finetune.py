@@ -394,6 +394,10 @@ def test_a_bad_input_gives_one_clear_error_naming_it(trained, tmp_path, capsys, 
     assert errors[0].startswith(f"internvl-lora finetune: error: {error.format(tmp=tmp_path, images=images)}")
 
 
+PACKED = ["--use_packed_ds", "True", "--max_packed_tokens", "300", "--num_images_expected", "6", "--strict_mode",
+          "False", "--replacement", "True", "--max_buffer_size", "4", "--loss_reduction", "square"]
+
+
 def test_fsdp_on_the_cpu_is_refused_rather_than_silently_trained_as_ddp(trained, tmp_path):
     root, base, _, _ = trained
     result = torchrun(2, *lora_recipe(root, base), "--max_steps", "1", "--fsdp", "full_shard auto_wrap",
@@ -404,11 +408,14 @@ def test_fsdp_on_the_cpu_is_refused_rather_than_silently_trained_as_ddp(trained,
     assert all("--fsdp: accelerate does not apply FSDP to this MULTI_CPU run" in line for line in errors)
 
 
-def test_two_processes_end_with_the_same_adapter(trained, tmp_path):
+@pytest.mark.parametrize("packing", [[], PACKED], ids=["padded", "packed"])
+def test_two_processes_end_with_the_same_adapter(trained, tmp_path, packing):
+    """DDP on the CPU; packed, each rank reads its own share of the samples and the loss divisor (square
+    reduction's weights) is summed over both."""
     root, base, _, _ = trained
     out = tmp_path / "ddp"
-    result = torchrun(2, *lora_recipe(root, base), "--max_steps", "3", "--per_device_train_batch_size", "2",
-                      "--report_to", "none", "--output_dir", str(out), cpu=True)
+    result = torchrun(2, *lora_recipe(root, base), *packing, "--max_steps", "3", "--per_device_train_batch_size",
+                      "2", "--report_to", "none", "--output_dir", str(out), cpu=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_both_ranks_agree(result.stdout)
     assert (out / "llm_adapter" / "adapter_model.safetensors").is_file()
@@ -459,10 +466,6 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(traine
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
-
-
-PACKED = ["--use_packed_ds", "True", "--max_packed_tokens", "300", "--num_images_expected", "6", "--strict_mode",
-          "False", "--replacement", "True", "--max_buffer_size", "4", "--loss_reduction", "square"]
 
 
 def test_a_packed_run_resumed_from_a_checkpoint_ends_with_the_uninterrupted_runs_adapter(trained, tmp_path):
