@@ -88,11 +88,7 @@ def convert_run(source: str | os.PathLike, target: str | os.PathLike, to: str, b
     current = manifest.get("base_format", "original")
     if current == to:
         raise ValueError(f"{source}: its adapters are already in the {to} format")
-    base = base or manifest.get("base_model")
-    if not base:
-        raise ValueError(f"{source}: its manifest names no base model; pass --base MODEL")
-    base_config = outputs.read_base_config(base)
-    outputs.check_base(manifest, source, base_config, force)
+    base_config = outputs.checked_base_config(manifest, source, base, force)
     llm_config = base_config["llm_config"]
     adapter_dirs = {info["adapter"] for info in manifest["lora"].values()}
     with checkpoint.atomic_directory(target) as staging:

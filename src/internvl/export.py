@@ -71,11 +71,8 @@ def export_adapter(run: str | os.PathLike, target: str | os.PathLike, engine_nam
                         ("resized_embeddings", "it added tokens to the vocabulary")):
         if manifest.get(field):
             raise _refuse(run, engine, f"{what} ({', '.join(manifest[field][:3])})")
-    base = base or manifest.get("base_model")
-    if not base:
-        raise ValueError(f"{run}: its manifest names no base model; pass --base MODEL")
-    base_config = outputs.read_base_config(base)
-    outputs.check_base(manifest, run, base_config, force)
+    base_config = outputs.checked_base_config(manifest, run, base, force)
+    base = base or manifest["base_model"]
     llm_config = base_config["llm_config"]
     internlm2 = llm_config["architectures"][0] == "InternLM2ForCausalLM"
     prefixes = {"language_model": engine.internlm2_llm_prefix if internlm2 else engine.llm_prefix,

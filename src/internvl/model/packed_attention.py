@@ -149,6 +149,8 @@ def _base_attention(base: str, module: torch.nn.Module) -> Callable:
 
 
 def _packed_forward(base: str) -> Callable:
+    # cu_seq_lens_k and the max lengths are named only to keep them from the base functions: a packed row's keys
+    # are its queries.
     def attention(module, query, key, value, attention_mask, cu_seq_lens_q=None, cu_seq_lens_k=None,
                   max_length_q=None, max_length_k=None, **kwargs):
         run = _base_attention(base, module)

@@ -649,6 +649,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
                   f"{data_args.replacement}); loss_reduction {data_args.loss_reduction}")
     eval_dataset = InternVLDataset(data_args.eval_meta_path, builder) if data_args.eval_meta_path else None
     training_args.remove_unused_columns = False
+    strict = data_args.use_packed_ds and data_args.strict_mode  # packs padded to the expected tokens and tiles
     if data_args.loss_reduction_all_gather:  # the official flag: the loss divisor summed over the ranks
         training_args.average_tokens_across_devices = True
     training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
@@ -664,8 +665,8 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         data_collator=Collator(
             pad_token_id=tokenizer.pad_token_id, pack=data_args.use_packed_ds, image_size=data_args.force_image_size,
             loss_reduction=data_args.loss_reduction,
-            strict_tokens=data_args.max_packed_tokens if data_args.use_packed_ds and data_args.strict_mode else None,
-            strict_tiles=data_args.num_images_expected if data_args.use_packed_ds and data_args.strict_mode else None,
+            strict_tokens=data_args.max_packed_tokens if strict else None,
+            strict_tiles=data_args.num_images_expected if strict else None,
         ),
         processing_class=tokenizer,
         base_config=base_config,

@@ -215,6 +215,17 @@ def read_base_config(folder: str | os.PathLike) -> dict:
     return InternVLChatConfig.from_dict(checkpoint.read_config(folder)).to_dict()
 
 
+def checked_base_config(manifest: dict, folder, base: str | None = None, force: bool = False) -> dict:
+    """The config of the base model the adapters in `folder` go on (`base`, else the one their manifest names),
+    checked as `check_base` does."""
+    base = base or manifest.get("base_model")
+    if not base:
+        raise ValueError(f"{folder}: its manifest names no base model; pass --base MODEL")
+    base_config = read_base_config(base)
+    check_base(manifest, folder, base_config, force)
+    return base_config
+
+
 def check_base(manifest: dict, folder, base_config: dict, force: bool = False) -> None:
     """Refuse adapters trained on another base model (config hash differs), or put onto a model that has LoRA merged
     in (which hashes apart from its base), unless `force`."""
