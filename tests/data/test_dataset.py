@@ -264,6 +264,17 @@ def test_the_epoch_reaches_dataloader_workers_already_started(tmp_path, chat_tok
     assert epochs[1] == video_frames(dataset, range(4)) != epochs[0]  # in-process draws of epoch 1
 
 
+def test_videos_decode_in_dataloader_workers_forked_after_the_parent_decoded_one(tmp_path, chat_tokenizer):
+    """FFmpeg's frame-scaling thread pool (PyAV 17+), started by the parent, is not there in a forked worker."""
+    write_video(tmp_path / "v.mp4")
+    dataset = make_dataset(write_dataset(tmp_path, [{"video": "v.mp4", "conversations": VIDEO_QUESTION}] * 4),
+                           chat_tokenizer, min_num_frame=4, max_num_frame=8)
+    expected = video_frames(dataset, range(4))  # decoded here, in the parent
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, timeout=60, multiprocessing_context="fork",
+                        collate_fn=Collator(chat_tokenizer.pad_token_id))
+    assert [tile_frames(batch["pixel_values"]) for batch in loader] == expected
+
+
 def test_video_image_and_text_samples_share_one_batch(tmp_path, chat_tokenizer):
     write_video(tmp_path / "v.mp4")
     write_image(tmp_path / "a.png", 2 * TILE, TILE)  # (2, 1) + thumbnail

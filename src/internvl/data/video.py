@@ -46,6 +46,10 @@ from internvl.data.errors import (
 from internvl.data.reading import MAX_IMAGE_PIXELS, open_image
 from internvl.data.tiling import dynamic_preprocess, tiles_to_tensor
 
+# PyAV 17 and newer scale frames on a pool of FFmpeg threads. A DataLoader worker forked after its parent scaled a
+# frame inherits that pool without its threads and waits on it forever: one thread, no pool.
+ONE_SCALING_THREAD = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
 
 class VideoFile:
     """A video file, indexed: its frames' timestamps in presentation order, and its keyframes'.
@@ -115,7 +119,7 @@ class VideoFile:
             if frame.pts is None or frame.pts < timestamp:
                 continue
             if frame.pts == timestamp:
-                return frame.to_image()
+                return frame.to_image(**ONE_SCALING_THREAD)
             break
         # The decoder dropped it: H.264 decoders skip frames they cannot decode rather than fail.
         raise SampleError(UNREADABLE_VIDEO, f"{self.path}: frame {index} does not decode")
