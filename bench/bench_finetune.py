@@ -17,7 +17,8 @@ Rows: `peft` (--fast_lora False: PEFT's layers, padded and length-grouped as the
 The fused rows fit their checkpoint plan to the first row's measured peak (`--memory_budget_gib`), so that none
 uses more memory than HF + PEFT. Each row runs in a fresh process (so peaks do not mix); over the `--steps` steps
 after `--warmup` (loader included): the median step, samples/s and real (non-pad) tokens/s over the whole span,
-the padding share, the peak GiB, and the ratio of real tokens/s to the first row's.
+the padding share, the peak GiB (from the second step on: the fused rows fit their plan after the first), and
+the ratio of real tokens/s to the first row's.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
             self.samples[-1] += len(kwargs["input_ids"]) if cu_seqlens is None else len(cu_seqlens) - 1
 
         def on_step_begin(self, args, state, control, **kwargs):
-            if not self.ends and not self.real[-1]:  # the first step: the plan's probes are behind us
+            if len(self.ends) == 1 and not self.real[-1]:  # the second step: the plan's fit is behind us
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_end(self, args, state, control, **kwargs):

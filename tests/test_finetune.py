@@ -708,7 +708,8 @@ def test_on_cuda_the_llm_lora_trains_on_the_fused_path_into_a_standard_adapter(t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LLM LoRA on the fused fast path" in result.stdout
     assert re.search(r"LLM layers: \d+ kept, \d+ MLP-recomputed, the rest checkpointed \(budget \d+\.\d\d GiB: "
-                     r"HF \+ PEFT's, all checkpointed, on \d+ rows? of [\d,]+ tokens and \d+ tiles each\)", result.stdout), \
+                     r"HF \+ PEFT's, all checkpointed, on \d+ rows? of [\d,]+ tokens and \d+ tiles each; the engine "
+                     r"takes \d+\.\d\d GiB during a step and \d+\.\d\d GiB for the optimizer\)", result.stdout), \
         [line for line in result.stdout.splitlines() if "LLM layers" in line]
     assert_trained_adapter(base, out)
 
@@ -776,7 +777,11 @@ def test_a_packed_run_under_the_official_zero1_config_trains_on_the_fused_path_a
     first = torchrun(1, *args, "--max_steps", "2", cpu=False)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "LLM LoRA on the fused fast path" in first.stdout
-    assert "HF + PEFT's, all checkpointed, on 1 packed row of 600 tokens and 12 tiles)" in first.stdout
+    # The official config's two reduce buckets of 1e9 bf16 elements (3.73 GiB), allocated by DeepSpeed's backward
+    # where the plan's probe steps never look, are measured on the first step and left out of the plan's budget.
+    engine = re.search(r"HF \+ PEFT's, all checkpointed, on 1 packed row of 600 tokens and 12 tiles; the engine takes "
+                       r"(\d+\.\d\d) GiB during a step", first.stdout)
+    assert engine and float(engine[1]) >= 2 * 1e9 * 2 / 2**30, first.stdout
     resumed = torchrun(1, *args, "--max_steps", "4", cpu=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {out / 'checkpoint-2'}" in resumed.stdout

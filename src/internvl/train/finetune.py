@@ -48,7 +48,8 @@ from internvl.train.args import (
 from internvl.train.checkpointing import CheckpointPlan, checkpointable_layers, set_checkpointed_layers
 from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
-from internvl.train.memory_budget import GIB, BatchShape, fit_plan, peft_budget, worst_case_batch
+from internvl.train.memory_budget import (GIB, BatchShape, FirstStepMeasure, fit_plan, peft_budget,
+                                         worst_case_batch)
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,16 @@ class InternVLTrainer(Trainer):
         self.base_config = base_config
         self.base_path = base_path
         self._staging_root: str | None = None
+        self.step_measure = None  # FirstStepMeasure.run, set for the next micro-batch only
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step, run under `step_measure` when one is set (see `FastPathCallback`)."""
+        measure, self.step_measure = self.step_measure, None
+        step = super().training_step
+        if measure is None:
+            return step(model, inputs, num_items_in_batch)
+        inputs = self._prepare_inputs(inputs)
+        return measure(self.model, inputs, lambda: step(model, inputs, num_items_in_batch))
 
     @property
     def shards_parameters(self) -> bool:
@@ -361,17 +372,22 @@ class FastPathCallback(TrainerCallback):
     """Put the LLM's LoRA on the fused path once the engine has placed the model on its device (DeepSpeed does that
     inside `train()`); `restore()` puts PEFT's layers back (finetune calls it however training ends).
 
-    With `--grad_checkpoint`, the LLM's layers then follow a checkpoint plan: fitted on the GPU to the run's largest
-    batch (`shape`) and `--memory_budget_gib` (`internvl.train.memory_budget`), or fixed by `--recompute_mlp_only`.
+    With `--grad_checkpoint`, the LLM's layers then follow a checkpoint plan: fixed by `--recompute_mlp_only`, or
+    fitted on the GPU to the run's largest batch (`shape`) and a budget of peak memory (`internvl.train.
+    memory_budget`): `--memory_budget_gib`, else HF + PEFT's with every layer checkpointed. The first step runs with
+    every layer checkpointed and measures what the engine takes beyond the layers (its buffers, the optimizer's
+    states); the plan is fitted after it, to the budget less that.
     """
 
     def __init__(self, trainer: InternVLTrainer, model: InternVLChatModel, model_args: ModelArguments,
                  shape: BatchShape):
         self.trainer, self.model, self.model_args, self.shape = trainer, model, model_args, shape
         self.handle: FastLoRA | None = None
+        self.peft_peak: int | None = None  # HF + PEFT's probe peak on the largest batch, when it is the budget
+        self.first_step: FirstStepMeasure | None = None  # set while a plan waits to be fitted
 
     def on_train_begin(self, args, state, control, **kwargs):
-        """Swap the fused path in, or log why not; then set the checkpoint plan."""
+        """Swap the fused path in, or log why not; then set the checkpoint plan, or arm its fit."""
         if not (self.model_args.fast_lora and self.model_args.use_llm_lora):
             return
         reason = fast_path_off_reason(self.trainer)
@@ -381,10 +397,10 @@ class FastPathCallback(TrainerCallback):
         llm = self.model.language_model
         fit = (self.model_args.grad_checkpoint and self.model_args.recompute_mlp_only is None
                and self.model.device.type == "cuda")
-        if fit:
+        if fit and not self.model_args.memory_budget_gib:  # measured on PEFT's layers, before the swap
             batch = worst_case_batch(self.model, self.trainer.processing_class, self.shape, self.model.device)
-            budget = (int(self.model_args.memory_budget_gib * GIB) if self.model_args.memory_budget_gib
-                      else peft_budget(self.model, llm, batch))
+            self.peft_peak = peft_budget(self.model, llm, batch)
+            del batch
         self.handle = maybe_enable_fast_lora(llm)
         if self.handle is None:
             return
@@ -393,16 +409,31 @@ class FastPathCallback(TrainerCallback):
         if not self.model_args.grad_checkpoint:
             return
         if fit:
-            plan = fit_plan(self.model, llm, batch, budget)
-            where = "--memory_budget_gib" if self.model_args.memory_budget_gib else "HF + PEFT's, all checkpointed"
-            detail = f" (budget {budget / GIB:.2f} GiB: {where}, on {self.shape})"
+            set_checkpointed_layers(llm, CheckpointPlan())
+            self.first_step = FirstStepMeasure()
+            self.trainer.step_measure = self.first_step.run
         elif self.model_args.recompute_mlp_only:
-            plan, detail = CheckpointPlan(recompute_mlp=len(checkpointable_layers(llm))), ""
-        else:
+            plan = CheckpointPlan(recompute_mlp=len(checkpointable_layers(llm)))
+            set_checkpointed_layers(llm, plan)
+            if args.process_index == 0:
+                print(f"LLM layers: {plan}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """After the first step: fit the plan to the budget less the engine's share."""
+        if self.first_step is None or self.first_step.transient is None:
             return
-        set_checkpointed_layers(llm, plan)
+        share, self.first_step = self.first_step.share(), None
+        if state.global_step >= state.max_steps:
+            return
+        if self.model_args.memory_budget_gib:
+            budget, where = int(self.model_args.memory_budget_gib * GIB), "--memory_budget_gib"
+        else:  # PEFT's real step takes the same engine share on top of its probe's peak
+            budget, where = self.peft_peak + share.persistent + share.transient, "HF + PEFT's, all checkpointed"
+        llm = self.model.language_model
+        batch = worst_case_batch(self.model, self.trainer.processing_class, self.shape, self.model.device)
+        plan = fit_plan(self.model, llm, batch, budget - share.transient)
         if args.process_index == 0:
-            print(f"LLM layers: {plan}{detail}")
+            print(f"LLM layers: {plan} (budget {budget / GIB:.2f} GiB: {where}, on {self.shape}; {share})")
 
     def restore(self) -> None:
         """PEFT's own layers back (the handle is restored once, however often this is called)."""

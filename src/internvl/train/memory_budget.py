@@ -8,7 +8,11 @@ measured here on that batch, or `--memory_budget_gib`. The worst batch is the la
 of that many packs of `max_packed_tokens` tokens and `num_images_expected` tiles.
 
 The probe steps take gradients with `torch.autograd.grad`, which leaves every parameter's `.grad` (and so the
-hooks DDP and DeepSpeed put on gradient accumulation) untouched.
+hooks DDP and DeepSpeed put on gradient accumulation) untouched, and they draw no random numbers of the run's.
+What they do not see is the engine's own memory: gradients in `.grad`, the optimizer's states, and buffers such as
+DeepSpeed ZeRO-1/2's two reduce buckets (2 x `reduce_bucket_size` elements with `overlap_comm`: 3.7 GiB in bf16 under
+the official configs' 1e9). `EngineShare` measures it on the run's first step, and the budget is what the whole
+step may use, the engine's share included.
 """
 
 from __future__ import annotations
@@ -63,11 +67,50 @@ def worst_case_batch(model: nn.Module, tokenizer, shape: BatchShape, device) -> 
 def probe_step(model: nn.Module, batch: dict[str, torch.Tensor]):
     """One forward and backward of `batch` whose gradients go nowhere (see the module)."""
     trainable = [param for param in model.parameters() if param.requires_grad]
+    devices = [batch["input_ids"].device] if batch["input_ids"].is_cuda else []
 
     def step():
-        torch.autograd.grad(model(**batch).loss, trainable, allow_unused=True)
+        with torch.random.fork_rng(devices=devices):  # dropout's draws: the run's own stream stays untouched
+            torch.autograd.grad(model(**batch).loss, trainable, allow_unused=True)
 
     return step
+
+
+@dataclass
+class EngineShare:
+    """The memory a real training step takes beyond a probe step of the same batch, in bytes: `transient` only
+    while the step runs (`.grad`, the engine's reduce buckets), `persistent` allocated by the first step and kept
+    (the optimizer's states)."""
+
+    transient: int
+    persistent: int
+
+    def __str__(self) -> str:
+        return (f"the engine takes {self.transient / GIB:.2f} GiB during a step and {self.persistent / GIB:.2f} GiB "
+                "for the optimizer")
+
+
+class FirstStepMeasure:
+    """Measures the `EngineShare` on a run's first step: `run(model, batch, real_step)` runs a probe step of the
+    batch and then `real_step()` (the Trainer's); `share()`, once the optimizer has stepped, gives the share."""
+
+    def __init__(self):
+        self.transient: int | None = None
+        self.allocated_before = 0
+
+    def run(self, model: nn.Module, batch: dict[str, torch.Tensor], real_step):
+        """`real_step()`'s result; its peak is compared with a probe step's of the same batch."""
+        probe = peak_memory(probe_step(model, batch))
+        self.allocated_before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = real_step()
+        torch.cuda.synchronize()
+        self.transient = max(0, torch.cuda.max_memory_allocated() - probe)
+        return result
+
+    def share(self) -> EngineShare:
+        """The share, measured by `run` and now, after the optimizer's first step."""
+        return EngineShare(self.transient, max(0, torch.cuda.memory_allocated() - self.allocated_before))
 
 
 def fit_plan(model: nn.Module, llm: nn.Module, batch: dict[str, torch.Tensor], budget_bytes: int) -> CheckpointPlan:
