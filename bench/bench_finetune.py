@@ -10,6 +10,7 @@ the engine of `--deepspeed` (default the official zero_stage1_config.json, the p
 
     python bench/bench_finetune.py                # every row, each in a process of its own under torchrun
     python bench/bench_finetune.py --rows fused   # one row
+    python bench/bench_finetune.py --gpus 1 2 4 8 # every row on 1, 2, 4 and 8 GPUs of this host: weak scaling
 
 Rows: `peft` (--fast_lora False: PEFT's layers, padded and length-grouped as the official trainer runs it),
 `fused` (the default fast path, padded) and `packed` (the fast path on packs: --use_packed_ds, one pack of
@@ -18,7 +19,11 @@ The fused rows fit their checkpoint plan to the first row's measured peak (`--me
 uses more memory than HF + PEFT. Each row runs in a fresh process (so peaks do not mix); over the `--steps` steps
 after `--warmup` (loader included): the median step, samples/s and real (non-pad) tokens/s over the whole span,
 the padding share, the peak GiB (from the second step on: the fused rows fit their plan after the first), and
-the ratio of real tokens/s to the first row's.
+the ratio of real tokens/s to the first row's. On several GPUs (`--gpus`), each rank runs the per-GPU recipe
+(weak scaling); counts are summed over the ranks, the peak is the largest rank's, and the table adds real tokens/s
+per GPU and its share of the same row's per-GPU rate on the fewest GPUs run (scaling efficiency). Every run of
+several ranks that keep whole weights (DDP, ZeRO-1/2) checks that they end with identical adapters, and fails
+otherwise.
 """
 
 from __future__ import annotations
@@ -113,6 +118,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     meta = write_sft_data(work / "data", args.samples, seed=0)
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # torchrun's rank on this host: its own GPU
     torch.manual_seed(0)
     config = InternVLChatConfig.from_dict(official_config(args.model))
     torch.set_default_dtype(torch.bfloat16)
@@ -148,13 +154,20 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     steps = range(args.warmup, len(timer.ends))  # step i ran from ends[i - 1] to ends[i]
     durations = [timer.ends[i] - timer.ends[i - 1] for i in steps]
     step = statistics.median(durations)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    real, padded = sum(timer.real[i] for i in steps), sum(timer.padded[i] for i in steps)
+    # Summed over the ranks (each read its own batches), the peak of the fullest rank.
+    counts = torch.tensor([sum(timer.real[i] for i in steps), sum(timer.padded[i] for i in steps),
+                           sum(timer.samples[i] for i in steps)], dtype=torch.float64, device="cuda")
+    peak = torch.tensor([torch.cuda.max_memory_allocated()], dtype=torch.float64, device="cuda")
+    world = 1
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        torch.distributed.all_reduce(counts)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)
+    real, padded, samples = counts.tolist()
     # Rates over the whole timed span: length-grouped steps differ in length, so a median step is no average one.
-    samples = sum(timer.samples[i] for i in steps)
-    return {"row": row, "s_per_step": step, "samples_per_s": samples * world / sum(durations),
-            "real_tokens_per_s": real * world / sum(durations), "padding": 1 - real / padded,
-            "peak_gib": torch.cuda.max_memory_allocated() / GiB}
+    return {"row": row, "gpus": world, "s_per_step": step, "samples_per_s": samples / sum(durations),
+            "real_tokens_per_s": real / sum(durations), "padding": 1 - real / padded,
+            "peak_gib": peak.item() / GiB}
 
 
 def main() -> None:
@@ -172,6 +185,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=400)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts of this host to run each row on")
     args = parser.parse_args()
     if args.row is not None:
         result = run_row(args.row, args)
@@ -179,33 +193,47 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
     results = []
-    for row in args.rows:
-        budget = []
-        if results and results[0]["row"] == "peft" and args.memory_budget_gib is None:
-            budget = ["--memory_budget_gib", f"{results[0]['peak_gib']:.3f}"]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", __file__, "--row", row,
-                   *sys.argv[1:], *budget]
-        output = subprocess.run(command, capture_output=True, text=True)
-        lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
-        if output.returncode or not lines:
-            print(f"row {row} failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}", flush=True)
-            continue
-        results.append(json.loads(lines[-1].removeprefix("RESULT ")))
-        print(f"{row}: {results[-1]}", flush=True)
-    if not results:
-        return
-    first = results[0]
+    for gpus in args.gpus:
+        first = None
+        for row in args.rows:
+            budget = []
+            if first is not None and first["row"] == "peft" and args.memory_budget_gib is None:
+                budget = ["--memory_budget_gib", f"{first['peak_gib']:.3f}"]
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), __file__,
+                       "--row", row, *sys.argv[1:], *budget]  # a --row run ignores --gpus
+            output = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+            if output.returncode or not lines:
+                print(f"row {row} on {gpus} GPU(s) failed:\n{output.stdout[-3000:]}\n{output.stderr[-3000:]}",
+                      flush=True)
+                continue
+            results.append(json.loads(lines[-1].removeprefix("RESULT ")))
+            first = first or results[-1]
+            print(f"{row}, {gpus} GPU(s): {results[-1]}", flush=True)
+    if results:
+        print_table(results, args)
+
+
+def print_table(results: list[dict], args: argparse.Namespace) -> None:
+    """The results as a Markdown table: ratios to the first row run on as many GPUs, and per-GPU rates to the
+    same row's on the fewest GPUs run."""
     import torch
     import transformers
-    print(f"\n{args.model}, --deepspeed {args.deepspeed}, batch {args.batch} (packed: 1 pack of {args.packed_tokens} "
-          f"tokens, {args.packed_images} tiles), {args.steps} steps after {args.warmup}; {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print("| row | s/step (median) | samples/s | real tokens/s | padding | peak GiB | x first row |")
-    print("|---|---|---|---|---|---|---|")
+
+    print(f"\n{args.model}, --deepspeed {args.deepspeed}, batch {args.batch} per GPU (packed: 1 pack of "
+          f"{args.packed_tokens} tokens, {args.packed_images} tiles), {args.steps} steps after {args.warmup}; "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}")
+    print("| GPUs | row | s/step (median) | samples/s | real tokens/s | per GPU | scaling | padding | peak GiB/GPU "
+          "| x first row |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for result in results:
-        print(f"| {result['row']} | {result['s_per_step']:.3f} | {result['samples_per_s']:.2f} | "
-              f"{result['real_tokens_per_s']:,.0f} | {result['padding']:.0%} | {result['peak_gib']:.2f} | "
-              f"{result['real_tokens_per_s'] / first['real_tokens_per_s']:.2f}x |")
+        first = next(r for r in results if r["gpus"] == result["gpus"])
+        fewest = min((r for r in results if r["row"] == result["row"]), key=lambda r: r["gpus"])
+        per_gpu = result["real_tokens_per_s"] / result["gpus"]
+        print(f"| {result['gpus']} | {result['row']} | {result['s_per_step']:.3f} | {result['samples_per_s']:.2f} | "
+              f"{result['real_tokens_per_s']:,.0f} | {per_gpu:,.0f} | "
+              f"{per_gpu / (fewest['real_tokens_per_s'] / fewest['gpus']):.0%} | {result['padding']:.0%} | "
+              f"{result['peak_gib']:.2f} | {result['real_tokens_per_s'] / first['real_tokens_per_s']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -564,7 +564,7 @@ def test_ctrl_c_leaves_intact_checkpoints_and_one_line_naming_the_last_and_how_t
 
     root, base, _, _ = trained
     out = tmp_path / "run"
-    args = [*lora_recipe(root, base), "--max_steps", "300", "--save_steps", "5", "--report_to", "none",
+    args = [*lora_recipe(root, base), "--max_steps", "60", "--save_steps", "5", "--report_to", "none",
             "--use_cpu", "True", "--disable_tqdm", "True", "--output_dir", str(out)]
     process = subprocess.Popen([sys.executable, "-m", "internvl.cli", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -583,7 +583,7 @@ def test_ctrl_c_leaves_intact_checkpoints_and_one_line_naming_the_last_and_how_t
     resumed = cli(*args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming from {last}" in resumed.stdout
-    assert (out / "checkpoint-300").is_dir() and not (out / "checkpoint-301").exists()
+    assert (out / "checkpoint-60").is_dir() and not (out / "checkpoint-61").exists()
 
 
 def test_an_output_dir_that_is_a_file_is_refused_and_kept(trained, tmp_path):

@@ -147,6 +147,12 @@ class InternVLTrainer(Trainer):
         """Whether each rank may hold only a shard of each weight (FSDP, DeepSpeed)."""
         return self.is_fsdp_enabled or self.is_deepspeed_enabled
 
+    @property
+    def shards_weights(self) -> bool:
+        """Whether each rank holds only a shard of each weight: FSDP and ZeRO-3 do; DDP, ZeRO-1 and ZeRO-2 keep
+        whole weights on every rank (ZeRO-1/2 shard the optimizer's states and gradients only)."""
+        return self.is_fsdp_enabled or (self.is_deepspeed_enabled and is_deepspeed_zero3_enabled())
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Under ZeRO-3, gather only the trainable weights: the Trainer would gather the whole model (or, without
         `stage3_gather_16bit_weights_on_model_save`, save adapters of zeros). Elsewhere, the Trainer's saving."""
@@ -361,11 +367,11 @@ def fast_path_off_reason(trainer: InternVLTrainer) -> str | None:
     """Why the fused path cannot train under this run's engine, or None: FSDP and ZeRO-3 shard each weight and
     gather it only as its own module runs, while a fused node reads several modules' weights at once. DDP, ZeRO-1
     and ZeRO-2 keep whole weights on every rank."""
+    if not trainer.shards_weights:
+        return None
     if trainer.is_fsdp_enabled:
         return "FSDP shards the weights the fused nodes read"
-    if trainer.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
-        return "DeepSpeed ZeRO-3 shards the weights the fused nodes read (ZeRO-1 and ZeRO-2 keep the fused path)"
-    return None
+    return "DeepSpeed ZeRO-3 shards the weights the fused nodes read (ZeRO-1 and ZeRO-2 keep the fused path)"
 
 
 class FastPathCallback(TrainerCallback):
@@ -455,7 +461,7 @@ def trainable_digest(model: torch.nn.Module) -> str:
 def check_ranks_agree(model: torch.nn.Module, sharded: bool) -> None:
     """Compare the trainable weights of every process of a distributed run; raise if any rank diverged.
 
-    Nothing to compare in one process, nor under FSDP / DeepSpeed, which leave each rank its own shard.
+    Nothing to compare in one process, nor under FSDP / ZeRO-3, which leave each rank its own shard.
     """
     if sharded or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
@@ -723,7 +729,7 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         fast.restore()
     # Training switched the LLM's KV cache off; whatever is saved from here on is for inference.
     model.config.llm_config.use_cache = base_config["llm_config"].get("use_cache", True)
-    check_ranks_agree(model, sharded=trainer.shards_parameters)
+    check_ranks_agree(model, sharded=trainer.shards_weights)
     if trained or finished is None:  # else they are complete; None: interrupted while writing them
         write_final_outputs(trainer, model, model_args, data_args)
     samples.skip_report()
