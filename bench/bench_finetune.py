@@ -12,7 +12,9 @@ the engine of `--deepspeed` (default the official zero_stage1_config.json, the p
     python bench/bench_finetune.py --rows fused   # one row
     python bench/bench_finetune.py --gpus 1 2 4 8 # every row on 1, 2, 4 and 8 GPUs of this host: weak scaling
 
-Rows: `peft` (--fast_lora False: PEFT's layers, padded and length-grouped as the official trainer runs it),
+Rows: `peft` (--fast_lora False: PEFT's layers, padded and length-grouped as the official trainer runs it; like
+every row, under `finetune`'s cap of ZeRO-1/2 reduce buckets at the trainable weights, which the official trainer
+lacks: it holds 3.6 GiB more on each GPU under the official configs),
 `fused` (the default fast path, padded) and `packed` (the fast path on packs: --use_packed_ds, one pack of
 `--packed_tokens` tokens and at most `--packed_images` tiles per step, the official packing options otherwise).
 The fused rows fit their checkpoint plan to the first row's measured peak (`--memory_budget_gib`), so that none

@@ -11,6 +11,7 @@ import pytest
 from internvl.train.deepspeed_config import (
     OFFICIAL_CONFIGS,
     avoid_op_builds,
+    fit_reduce_buckets,
     official_config_names,
     resolve_deepspeed_argument,
 )
@@ -62,3 +63,29 @@ def test_deepspeeds_adamw_runs_as_torch_adamw_unless_fused_adam_is_prebuilt():
     assert avoid_op_builds(prebuilt, prebuilt=True) is None and prebuilt == official
     no_optimizer = {"zero_optimization": {"stage": 2}}
     assert avoid_op_builds(no_optimizer, prebuilt=False) is None and "optimizer" not in no_optimizer
+
+
+@pytest.mark.parametrize("name", ["zero_stage1_config.json", "zero_stage2_config.json"])
+def test_zero_1_and_2_reduce_buckets_are_capped_at_the_trainable_weights(name):
+    official = json.loads((OFFICIAL_CONFIGS / name).read_text())
+    config = copy.deepcopy(official)
+    line = fit_reduce_buckets(config, trainable=37_748_736, element_bytes=2)
+    # The official 1e9 elements, two buckets (overlap_comm) of bf16: 3.73 GiB, of which 0.07 GiB are still needed.
+    assert line == ("DeepSpeed: reduce_bucket_size 1,000,000,000 -> 37,748,736, the trainable weights' count (a "
+                    "bucket never holds more): 3.58 GiB less on each GPU")
+    assert config["zero_optimization"]["reduce_bucket_size"] == 37_748_736
+    config["zero_optimization"]["reduce_bucket_size"] = official["zero_optimization"]["reduce_bucket_size"]
+    assert config == official  # nothing else changed
+
+
+def test_reduce_buckets_stay_where_they_are_no_larger_auto_or_not_zero_1_or_2():
+    for config in [json.loads((OFFICIAL_CONFIGS / "zero_stage3_config.json").read_text()),
+                   {"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}},
+                   {"zero_optimization": {"stage": 1, "reduce_bucket_size": 1_000}},
+                   {"zero_optimization": {"stage": 2, "contiguous_gradients": False}},
+                   {"zero_optimization": {"stage": 0}}, {}]:
+        before = copy.deepcopy(config)
+        assert fit_reduce_buckets(config, trainable=10_000, element_bytes=2) is None and config == before
+    unset = {"zero_optimization": {"stage": 2}}  # DeepSpeed's default, 5e8, one bucket without overlap_comm
+    assert fit_reduce_buckets(unset, trainable=10_000, element_bytes=4).endswith("1.86 GiB less on each GPU")
+    assert unset["zero_optimization"]["reduce_bucket_size"] == 10_000

@@ -46,7 +46,7 @@ from internvl.train.args import (
     official_option_notes,
 )
 from internvl.train.checkpointing import CheckpointPlan, checkpointable_layers, set_checkpointed_layers
-from internvl.train.deepspeed_config import avoid_op_builds, fused_adam_prebuilt
+from internvl.train.deepspeed_config import avoid_op_builds, fit_reduce_buckets, fused_adam_prebuilt
 from internvl.train.loss_curve import write_loss_curve
 from internvl.train.memory_budget import (GIB, BatchShape, FirstStepMeasure, fit_plan, peft_budget,
                                          worst_case_batch)
@@ -691,9 +691,12 @@ def finetune(model_args: ModelArguments, data_args: DataArguments, training_args
         training_args.average_tokens_across_devices = True
     training_args.prediction_loss_only = True  # the Trainer would otherwise gather every eval batch's logits
     if training_args.deepspeed:
-        line = avoid_op_builds(training_args.hf_deepspeed_config.config, fused_adam_prebuilt())
-        if line and training_args.process_index == 0:
-            print(line)
+        config = training_args.hf_deepspeed_config.config
+        element_bytes = 2 if training_args.bf16 or training_args.fp16 else 4
+        for line in (avoid_op_builds(config, fused_adam_prebuilt()),
+                     fit_reduce_buckets(config, counts.trainable, element_bytes)):
+            if line and training_args.process_index == 0:
+                print(line)
     trainer = InternVLTrainer(
         model=model,
         args=training_args,
