@@ -64,7 +64,7 @@ def trained(tmp_path_factory):
     build_model("Qwen2ForCausalLM", template="internvl2_5").save_pretrained(base)
     tokenizer.save_pretrained(base)
     data = write_dataset(root / "data", "shapes", ("colour", "french"), 24, 56, seed=0)
-    meta = write_meta(root / "meta.json", {"shapes": data})
+    write_meta(root / "meta.json", {"shapes": data})
     out = root / "run"
     result = cli(
         *lora_recipe(root, base), "--dynamic_image_size", "True", "--max_steps", "4", "--save_steps", "2",

@@ -20,7 +20,6 @@ from internvl.data.constants import IMG_CONTEXT_TOKEN
 from internvl.export import export_adapter
 from internvl.model.internvl_chat import InternVLChatModel
 from internvl.synthetic import write_dataset, write_meta
-from internvl.tiny import tiny_tokenizer
 from internvl.train.outputs import save_outputs
 from tests.builders import build_batch, build_model, randomize_lora
 

@@ -6,7 +6,7 @@ exactly the assistant answers followed by the end-of-turn token, nothing else.
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 

@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from internvl.archs import LLM_ARCHS, llm_arch
 from internvl.lora.fast import enable_fast_lora, maybe_enable_fast_lora, unsupported_reasons
