@@ -10,9 +10,9 @@ of that many packs of `max_packed_tokens` tokens and `num_images_expected` tiles
 The probe steps take gradients with `torch.autograd.grad`, which leaves every parameter's `.grad` (and so the
 hooks DDP and DeepSpeed put on gradient accumulation) untouched, and they draw no random numbers of the run's.
 What they do not see is the engine's own memory: gradients in `.grad`, the optimizer's states, and buffers such as
-DeepSpeed ZeRO-1/2's two reduce buckets (2 x `reduce_bucket_size` elements with `overlap_comm`: 3.7 GiB in bf16 under
-the official configs' 1e9). `EngineShare` measures it on the run's first step, and the budget is what the whole
-step may use, the engine's share included.
+DeepSpeed ZeRO-1/2's reduce buckets (2 x `reduce_bucket_size` elements with `overlap_comm`, capped at the trainable
+weights by `internvl.train.deepspeed_config.fit_reduce_buckets`). `EngineShare` measures it on the run's first step,
+and the budget is what the whole step may use, the engine's share included.
 """
 
 from __future__ import annotations
